@@ -1,0 +1,43 @@
+"""The records cluster state is made of: drivers and pins.
+
+A driver is one Spark Connect server; a pin is the registry's record that a session
+lives on a driver. Both are immutable values: a change is a new record.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+DEFAULT_POOL = "default"
+
+
+class DriverState(str, enum.Enum):
+    """Whether a driver takes new sessions."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class Driver:
+    """One Spark Connect server the router can place sessions on."""
+
+    address: str  # host:port the router dials; also the driver's identity
+    pool: str = DEFAULT_POOL
+    weight: int = 1
+    state: DriverState = DriverState.ACTIVE
+
+    @property
+    def takes_new_sessions(self) -> bool:
+        return self.state is DriverState.ACTIVE
+
+
+@dataclass(frozen=True)
+class Pin:
+    """The record session -> driver."""
+
+    session_id: str
+    driver: str  # Driver.address
+    pool: str = DEFAULT_POOL

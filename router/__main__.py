@@ -1,0 +1,5 @@
+"""`python -m router` is `spark-router`."""
+
+from router.cli import main
+
+main()

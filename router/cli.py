@@ -1,0 +1,236 @@
+"""`spark-router`: parse flags, build the Settings once, run the requested thing.
+
+Exit codes: 0 done, 2 bad usage or configuration, 3 could not start (port taken, no Java,
+a driver that would not come up), 130/143 stopped by a signal during start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from router.config import ConfigError, Settings, load_settings, split_host_port
+from router.server import (
+    EXIT_STARTUP_FAILURE,
+    Replica,
+    StartupError,
+    run_replica,
+    run_workers,
+    serve_until_signal,
+)
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("spark_router")
+
+
+def configure_logging(level: str) -> None:
+    """Plain log lines on stderr."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"spark-router: {message}", err=True)
+    sys.exit(code)
+
+
+def _settings(config: Path | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config, **flags)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        _fail("invalid configuration:\n  " + "\n  ".join(lines), EXIT_CONFIG)
+
+
+_config_option = click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPARK_ROUTER_CONFIG",
+    help="YAML file of settings (flags and SPARK_ROUTER_* env win over it).",
+)
+_listen_option = click.option(
+    "--listen", help="HOST:PORT to listen on [default: 0.0.0.0:15002, Spark Connect's port]."
+)
+_log_option = click.option("--log-level", help="debug, info, warning or error [default: info].")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="spark-session-router")
+def cli() -> None:
+    """A session router for Apache Spark Connect: one endpoint in front of many drivers."""
+
+
+@cli.command()
+@_listen_option
+@click.option(
+    "--driver",
+    "drivers",
+    multiple=True,
+    help="Spark Connect driver HOST:PORT; repeat for more [env: SPARK_ROUTER_DRIVERS=a,b].",
+)
+@click.option("--workers", type=int, help="processes sharing the port (SO_REUSEPORT) [default: 1].")
+@click.option("--max-message-bytes", type=int, help="largest message forwarded [default: 128 MiB].")
+@_config_option
+@_log_option
+def serve(
+    listen: str | None,
+    drivers: tuple[str, ...],
+    workers: int | None,
+    max_message_bytes: int | None,
+    config: Path | None,
+    log_level: str | None,
+) -> None:
+    """Route Spark Connect clients to the given drivers."""
+    settings = _settings(
+        config,
+        listen=listen,
+        drivers=list(drivers) or None,
+        workers=workers,
+        max_message_bytes=max_message_bytes,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    if not settings.drivers:
+        _fail(
+            "no drivers: give --driver HOST:PORT (repeatable) or SPARK_ROUTER_DRIVERS", EXIT_CONFIG
+        )
+    code = run_workers(settings) if settings.workers > 1 else run_replica(settings)
+    sys.exit(code)
+
+
+@cli.command()
+@click.option("--drivers", "local_drivers", type=int, help="local drivers to start [default: 2].")
+@_listen_option
+@click.option("--driver-memory", help="heap per driver, e.g. 1g or 2g [default: 1g].")
+@click.option("--java-home", help="Java 17+ installation [default: JAVA_HOME, else java on PATH].")
+@click.option(
+    "--conf", "confs", multiple=True, metavar="KEY=VALUE", help="extra Spark conf for the drivers."
+)
+@_config_option
+@_log_option
+def up(
+    local_drivers: int | None,
+    listen: str | None,
+    driver_memory: str | None,
+    java_home: str | None,
+    confs: tuple[str, ...],
+    config: Path | None,
+    log_level: str | None,
+) -> None:
+    """Start local Spark Connect drivers and a router in front of them (Ctrl-C stops all)."""
+    spark_conf: dict[str, str] = {}
+    for item in confs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--conf {item!r} is not KEY=VALUE", EXIT_CONFIG)
+        spark_conf[key] = value
+    settings = _settings(
+        config,
+        local_drivers=local_drivers,
+        listen=listen,
+        driver_memory=driver_memory,
+        java_home=java_home,
+        spark_conf=spark_conf or None,
+        log_level=log_level,
+    )
+    configure_logging(settings.log_level)
+    sys.exit(run_up(settings))
+
+
+def _check_port_free(listen: str) -> None:
+    """Fail before the slow driver start-up if the router's port is taken."""
+    host, port = split_host_port(listen)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"cannot listen on {listen}: {reason}") from exc
+
+
+def _client_url(address: str) -> str:
+    host, port = split_host_port(address)
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "localhost"
+    return f"sc://{host}:{port}"
+
+
+def run_up(settings: Settings) -> int:
+    """`up`: drivers, then the router; everything stopped on the way out."""
+    from router import local
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # Until the router's own handlers take over, SIGTERM must unwind through the
+    # `finally` below so the drivers are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, on_term)
+    drivers: local.LocalDrivers | None = None
+    try:
+        _check_port_free(settings.listen)
+        local.check_java(settings.java_home)
+        drivers = local.LocalDrivers(
+            settings.local_drivers,
+            memory=settings.driver_memory,
+            java_home=settings.java_home,
+            spark_conf=settings.spark_conf,
+            startup_timeout=settings.driver_startup_timeout_seconds,
+        )
+        click.echo(
+            f"Starting {settings.local_drivers} Spark Connect driver(s) "
+            f"(logs in {drivers.work_dir}) ...",
+            err=True,
+        )
+        addresses = drivers.start(progress=True)
+        replica = Replica(settings, drivers=addresses)
+        ready = asyncio.Event()
+
+        async def main() -> None:
+            async def announce() -> None:
+                await ready.wait()
+                url = _client_url(replica.address)
+                click.echo(f"\nSpark Connect router ready: {url}")
+                click.echo(f'  pyspark: SparkSession.builder.remote("{url}").getOrCreate()')
+                click.echo(f"  drivers: {', '.join(addresses)}    Ctrl-C stops everything\n")
+
+            task = asyncio.ensure_future(announce())
+            try:
+                await serve_until_signal(replica, ready)
+            finally:
+                task.cancel()
+
+        asyncio.run(main())
+        return 0
+    except (StartupError, local.LocalDriverError) as exc:
+        click.echo(f"spark-router: {exc}", err=True)
+        return EXIT_STARTUP_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if drivers is not None:
+            click.echo("Stopping drivers ...", err=True)
+            drivers.stop()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""All settings of a replica in one frozen, validated object.
+
+Every setting has one name here and is read from, in order of precedence: a command-line
+flag, the environment (`SPARK_ROUTER_<NAME>`, lists comma-separated), a YAML file
+(`--config FILE` / `SPARK_ROUTER_CONFIG`, keys are the names below), then the default.
+`cli.py` builds the Settings once and passes it down; nothing reads the environment later.
+A bad value fails at start-up with one clear line per problem.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+MiB = 1024 * 1024
+# pyspark and the Spark Connect server both accept messages up to 128 MiB.
+SPARK_MAX_MESSAGE_BYTES = 128 * MiB
+
+_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
+_MEMORY = re.compile(r"^\d+[kmgtKMGT]?$")
+
+
+class ConfigError(Exception):
+    """Settings could not be built; str() lists every problem, one per line."""
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """Split 'host:port' (or '[v6]:port') into its parts; raise ValueError when malformed."""
+    m = _HOST_PORT.match(value.strip())
+    if not m:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:15002)")
+    port = int(m.group(2))
+    if port > 65535:
+        raise ValueError(f"{value!r}: port {port} is out of range")
+    return m.group(1), port
+
+
+def _comma_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_address(value: str, allow_port_zero: bool) -> str:
+    _, port = split_host_port(value)
+    if port == 0 and not allow_port_zero:
+        raise ValueError(f"{value!r}: port 0 is not a driver address")
+    return value.strip()
+
+
+_config_file: ContextVar[Path | None] = ContextVar("spark_router_config_file", default=None)
+
+
+class _YamlFile(PydanticBaseSettingsSource):
+    """Values from the YAML file named by --config, if any."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._values: dict[str, Any] = {}
+        if path is not None:
+            try:
+                loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            if loaded is None:
+                loaded = {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"config file {path} must be a mapping of setting: value")
+            self._values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+class Settings(BaseSettings):
+    """Everything a replica (and `spark-router up`) can be told."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPARK_ROUTER_", frozen=True, extra="forbid", validate_default=True
+    )
+
+    # --- serve ---
+    listen: str = Field("0.0.0.0:15002", description="HOST:PORT the router listens on")
+    drivers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="static Spark Connect drivers, HOST:PORT each"
+    )
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the listen port")
+    max_message_bytes: int = Field(
+        SPARK_MAX_MESSAGE_BYTES,
+        ge=SPARK_MAX_MESSAGE_BYTES,
+        description="largest request or response message forwarded",
+    )
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=8 * 1024, le=1024 * 1024, description="largest request metadata accepted"
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, le=3600, description="how long in-flight calls may finish on shutdown"
+    )
+    session_cache_size: int = Field(
+        100_000, ge=1, description="session pins each replica keeps in memory"
+    )
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    # --- up (local drivers) ---
+    local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
+    driver_memory: str = Field("1g", description="heap of each local driver (spark-submit)")
+    driver_startup_timeout_seconds: float = Field(
+        180.0, gt=0, le=3600, description="how long `up` waits for its drivers"
+    )
+    java_home: str | None = Field(None, description="Java 17+ for local drivers (else PATH)")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict, description="extra --conf for local drivers"
+    )
+
+    @field_validator("drivers", mode="before")
+    @classmethod
+    def _split_drivers(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("drivers")
+    @classmethod
+    def _check_drivers(cls, value: list[str]) -> list[str]:
+        checked = [_check_address(v, allow_port_zero=False) for v in value]
+        seen: set[str] = set()
+        for address in checked:
+            if address in seen:
+                raise ValueError(f"driver {address} is listed twice")
+            seen.add(address)
+        return checked
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        return _check_address(value, allow_port_zero=True)
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        lowered = value.lower()
+        if lowered not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"{value!r} is not one of debug, info, warning, error")
+        return lowered
+
+    @field_validator("driver_memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        if not _MEMORY.match(value):
+            raise ValueError(f"{value!r} is not a JVM memory size such as 512m or 2g")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlFile(settings_cls, _config_file.get())
+
+    @property
+    def listen_host_port(self) -> tuple[str, int]:
+        """The listen address split into host and port."""
+        return split_host_port(self.listen)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from flags (`overrides`, None values ignored), env, a YAML file, defaults."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    token = _config_file.set(config_file)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    finally:
+        _config_file.reset(token)
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        lines.append(f"{where}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(name, default, description) of every setting, for the README and `--help`."""
+    rows = []
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        rows.append((name, repr(default), info.description or ""))
+    return rows
+
+
+def as_mapping(settings: Settings) -> Mapping[str, Any]:
+    """The settings as plain data (to hand to worker processes)."""
+    return settings.model_dump()

@@ -1,0 +1,68 @@
+"""The router's own errors and the one place they become gRPC statuses.
+
+Errors that come back from a driver are not ours: proxy.py forwards their code, details
+and trailers untouched. Only failures the router itself detects (bad input, no driver,
+a driver that cannot be reached) are raised as `RouterError`s and mapped here. Anything
+else is a bug: INTERNAL with a generic message, logged once with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class RouterError(Exception):
+    """A failure the router detected itself; its str() is safe to show the client."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class BadRequest(RouterError):
+    """The call cannot be routed as sent (no session, malformed message, ...)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NoLiveDriver(RouterError):
+    """No driver is available to place a session on."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DriverUnreachable(RouterError):
+    """A driver refused or dropped the connection before answering."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+# Texts grpc core puts in the details of an UNAVAILABLE it generated itself because the
+# transport failed (as opposed to an UNAVAILABLE the driver sent, which is forwarded intact).
+_TRANSPORT_FAILURES = (
+    "failed to connect",
+    "connection refused",
+    "connections to all backends failing",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "end of tcp stream",
+)
+
+
+def is_transport_failure(code: grpc.StatusCode, details: str | None) -> bool:
+    """Whether an upstream UNAVAILABLE was made by the transport, not sent by the driver."""
+    if code != grpc.StatusCode.UNAVAILABLE or not details:
+        return False
+    lowered = details.lower()
+    return any(text in lowered for text in _TRANSPORT_FAILURES)
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map any exception raised while handling a call to the status the client gets."""
+    if isinstance(exc, RouterError):
+        return exc.code, f"spark-router: {exc}"
+    log.error("unexpected error while handling a call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "spark-router: internal error (see the router log)"

@@ -1,0 +1,121 @@
+"""Two real Spark Connect drivers, the real pyspark client, the router in between."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pandas as pd
+import pytest
+from pyspark.sql import SparkSession
+
+from registry.models import Driver
+from router.ring import Rings
+from tests.helpers import free_port, spawn, stop, wait_until
+
+PORT_CONF = "spark.connect.grpc.binding.port"
+
+
+@pytest.fixture(scope="module")
+def router_url(spark_drivers: Any) -> Iterator[str]:
+    """`spark-router serve` in front of both drivers; yields its sc:// URL."""
+    port = free_port()
+    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}"]
+    for address in spark_drivers.addresses:
+        args += ["--driver", address]
+    proc: subprocess.Popen[str] = spawn(args)
+
+    def listening() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
+
+    wait_until(listening, 30, "the router to listen")
+    assert proc.poll() is None
+    yield f"sc://127.0.0.1:{port}"
+    assert stop(proc) == 0
+
+
+def _sessions_per_driver(addresses: list[str], per_driver: int) -> dict[str, list[str]]:
+    """Session ids the router's ring will put `per_driver` to each driver (deterministic)."""
+    rings = Rings.build([Driver(a) for a in addresses])
+    chosen: dict[str, list[str]] = {a: [] for a in addresses}
+    for i in range(10_000):
+        sid = str(uuid.UUID(int=i * 104729 + 7, version=4))
+        owner = rings.pick("default", sid)
+        assert owner is not None
+        if len(chosen[owner]) < per_driver:
+            chosen[owner].append(sid)
+        if all(len(v) == per_driver for v in chosen.values()):
+            return chosen
+    raise AssertionError("could not spread sessions over the drivers")
+
+
+def test_six_sessions_keep_their_state_on_their_driver(router_url: str, spark_drivers: Any) -> None:
+    addresses: list[str] = spark_drivers.addresses
+    plan = _sessions_per_driver(addresses, 3)
+    expected_port = {sid: int(a.rsplit(":", 1)[1]) for a, sids in plan.items() for sid in sids}
+    sessions: dict[str, SparkSession] = {}
+    try:
+        # Create all six first, then interleave their work: each must keep its own state.
+        for i, sid in enumerate(expected_port):
+            spark = SparkSession.builder.remote(f"{router_url}/;session_id={sid}").create()
+            sessions[sid] = spark
+            spark.conf.set("spark.sql.shuffle.partitions", str(11 + i))
+            spark.range(100).selectExpr(f"id * {i + 1} AS v").createOrReplaceTempView("t")
+        for _round in range(4):
+            for i, spark in enumerate(sessions.values()):
+                total = spark.sql("SELECT sum(v) AS s FROM t").collect()[0]["s"]
+                assert total == 4950 * (i + 1)
+        for i, (sid, spark) in enumerate(sessions.items()):
+            assert spark.conf.get("spark.sql.shuffle.partitions") == str(11 + i)
+            assert int(spark.conf.get(PORT_CONF)) == expected_port[sid]
+        served = {int(s.conf.get(PORT_CONF)) for s in sessions.values()}
+        assert served == {int(a.rsplit(":", 1)[1]) for a in addresses}  # both drivers used
+    finally:
+        for spark in sessions.values():
+            spark.stop()
+
+
+def test_header_routing_opt_in(router_url: str) -> None:
+    sid = str(uuid.uuid4())
+    spark = SparkSession.builder.remote(
+        f"{router_url}/;session_id={sid};x-spark-session-id={sid}"
+    ).create()
+    try:
+        assert spark.range(7).count() == 7
+    finally:
+        spark.stop()
+
+
+def test_topandas_1m_rows_equals_direct(router_url: str, spark_drivers: Any) -> None:
+    query = "SELECT id, id * 2 AS b, concat('row-', id) AS s FROM range(1000000)"
+    via_router = SparkSession.builder.remote(router_url).create()
+    direct = SparkSession.builder.remote(f"sc://{spark_drivers.addresses[0]}").create()
+    try:
+        got = via_router.sql(query).toPandas()
+        want = direct.sql(query).toPandas()
+    finally:
+        via_router.stop()
+        direct.stop()
+    assert len(got) == 1_000_000
+    pd.testing.assert_frame_equal(got, want)
+
+
+def test_call_without_a_session_gets_invalid_argument(router_url: str) -> None:
+    import grpc
+    from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
+
+    with grpc.insecure_channel(router_url.removeprefix("sc://")) as ch:
+        stub = base_pb2_grpc.SparkConnectServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.AnalyzePlan(
+                base_pb2.AnalyzePlanRequest(
+                    spark_version=base_pb2.AnalyzePlanRequest.SparkVersion()
+                ),
+                timeout=10,
+            )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no session id" in (err.value.details() or "")

@@ -1,0 +1,89 @@
+"""Settings: defaults, precedence flag > env > file > default, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from router.config import ConfigError, Settings, load_settings, settings_table
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("SPARK_ROUTER_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_work_on_a_laptop() -> None:
+    s = load_settings()
+    assert s.listen == "0.0.0.0:15002"
+    assert s.max_message_bytes == 128 * 1024 * 1024
+    assert s.workers == 1 and s.drivers == [] and s.local_drivers == 2
+
+
+def test_precedence_flag_env_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text("listen: 127.0.0.1:1000\nworkers: 3\ndrivers: [127.0.0.1:1, 127.0.0.1:2]\n")
+    monkeypatch.setenv("SPARK_ROUTER_WORKERS", "4")
+    monkeypatch.setenv("SPARK_ROUTER_DRIVERS", "127.0.0.1:7, 127.0.0.1:8")
+    s = load_settings(f, listen="127.0.0.1:2000")
+    assert s.listen == "127.0.0.1:2000"  # flag
+    assert s.workers == 4  # env over file
+    assert s.drivers == ["127.0.0.1:7", "127.0.0.1:8"]  # env, comma separated
+    assert load_settings(f).listen == "127.0.0.1:1000"  # file over default
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings()
+    with pytest.raises(Exception, match="frozen"):
+        s.workers = 2  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"listen": "nope"}, "listen: 'nope' is not HOST:PORT"),
+        ({"drivers": ["127.0.0.1:0"]}, "port 0 is not a driver address"),
+        ({"drivers": ["a:1", "a:1"]}, "driver a:1 is listed twice"),
+        ({"drivers": ["127.0.0.1:70000"]}, "out of range"),
+        ({"max_message_bytes": 1024}, "max_message_bytes: Input should be greater than or equal"),
+        ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
+        ({"log_level": "loud"}, "not one of debug"),
+        ({"driver_memory": "lots"}, "not a JVM memory size"),
+    ],
+)
+def test_bad_values_fail_with_one_clear_line(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(**kwargs)
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    f = tmp_path / "router.yaml"
+    f.write_text("lisen: 127.0.0.1:1\n")
+    with pytest.raises(ConfigError, match="lisen: unknown setting"):
+        load_settings(f)
+
+
+def test_missing_or_broken_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="No such file"):
+        load_settings(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_settings(bad)
+
+
+def test_ipv6_listen() -> None:
+    assert load_settings(listen="[::]:15002").listen_host_port == ("[::]", 15002)
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    for name, _, description in settings_table():
+        assert description, f"{name} has no description"
+        assert f"SPARK_ROUTER_{name.upper()}" in readme, f"{name} missing from README"
+    assert set(Settings.model_fields) == {row[0] for row in settings_table()}

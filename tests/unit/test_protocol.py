@@ -1,0 +1,101 @@
+"""The method table against pyspark's descriptors, and call identification."""
+
+from __future__ import annotations
+
+import pytest
+from pyspark.sql.connect.proto import base_pb2
+
+from router import protocol
+from router.errors import BadRequest
+from router.protocol import Shape
+
+SERVICE = base_pb2.DESCRIPTOR.services_by_name["SparkConnectService"]
+
+
+def _field(message: object, name: str) -> int | None:
+    field = message.fields_by_name.get(name)  # type: ignore[attr-defined]
+    return None if field is None else int(field.number)
+
+
+def test_table_covers_every_method_of_the_service() -> None:
+    assert {m.name for m in SERVICE.methods} == set(protocol.METHODS)
+    assert SERVICE.full_name == protocol.SERVICE
+
+
+@pytest.mark.parametrize("descriptor", list(SERVICE.methods), ids=lambda m: m.name)
+def test_table_matches_descriptor(descriptor: object) -> None:
+    m = protocol.METHODS[descriptor.name]  # type: ignore[attr-defined]
+    d = descriptor
+    assert m.shape.client_streaming == d.client_streaming  # type: ignore[attr-defined]
+    assert m.shape.server_streaming == d.server_streaming  # type: ignore[attr-defined]
+    req, resp = d.input_type, d.output_type  # type: ignore[attr-defined]
+    assert _field(req, "session_id") == protocol.SESSION_ID_FIELD
+    assert _field(req, "user_context") == protocol.USER_CONTEXT_FIELD
+    assert req.fields_by_name["user_context"].message_type.fields_by_name["user_id"].number == 1
+    assert _field(req, "client_observed_server_side_session_id") == m.observed_field
+    assert _field(resp, "server_side_session_id") == m.response_server_side_field
+    assert _field(resp, "session_id") == m.response_session_field
+    assert _field(req, "operation_id") == m.operation_id_field
+
+
+def test_unknown_method_of_the_service_is_stream_stream() -> None:
+    m = protocol.method_for_path("/spark.connect.SparkConnectService/FutureMethod")
+    assert m is not None and m.shape is Shape.STREAM_STREAM and m.name == "FutureMethod"
+
+
+@pytest.mark.parametrize(
+    "path", ["/other.Service/Config", "/spark.connect.SparkConnectService/", "/x", ""]
+)
+def test_paths_outside_the_service_are_not_ours(path: str) -> None:
+    assert protocol.method_for_path(path) is None
+
+
+CONFIG = protocol.METHODS["Config"]
+
+
+def _config(session: str = "", user: str = "") -> bytes:
+    req = base_pb2.ConfigRequest(session_id=session)
+    if user:
+        req.user_context.user_id = user
+    return req.SerializeToString()
+
+
+def test_session_and_user_from_the_body() -> None:
+    info = protocol.identify(CONFIG, {}, _config("s-1", "alice"))
+    assert (info.session_id, info.user_id, info.pool) == ("s-1", "alice", None)
+
+
+def test_header_wins_when_body_has_none() -> None:
+    info = protocol.identify(CONFIG, {"x-spark-session-id": "s-2"}, _config())
+    assert info.session_id == "s-2"
+
+
+def test_header_and_body_agreeing_is_fine() -> None:
+    md = {"x-spark-session-id": "s-3", "x-spark-pool": "etl"}
+    info = protocol.identify(CONFIG, md, _config("s-3"))
+    assert (info.session_id, info.pool) == ("s-3", "etl")
+
+
+def test_header_and_body_disagreeing_is_rejected_with_a_fix() -> None:
+    with pytest.raises(BadRequest, match="name different sessions; send the same id"):
+        protocol.identify(CONFIG, {"x-spark-session-id": "a"}, _config("b"))
+
+
+def test_no_session_anywhere_is_rejected_with_a_fix() -> None:
+    with pytest.raises(BadRequest, match=r"no session id; set the request's session_id"):
+        protocol.identify(CONFIG, {}, _config(user="alice"))
+
+
+def test_malformed_body_is_rejected() -> None:
+    with pytest.raises(BadRequest, match="not a valid Spark Connect message"):
+        protocol.identify(CONFIG, {}, b"\x0a\x10abc")
+
+
+def test_invalid_utf8_session_is_rejected() -> None:
+    with pytest.raises(BadRequest, match="not a valid Spark Connect message"):
+        protocol.identify(CONFIG, {}, b"\x0a\x02\xff\xfe")
+
+
+def test_overlong_session_is_rejected() -> None:
+    with pytest.raises(BadRequest, match="at most 256"):
+        protocol.identify(CONFIG, {}, _config("x" * 300))
