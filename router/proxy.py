@@ -119,12 +119,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         call = self._upstreams.channel(pin.driver).unary_unary(method.path)(
             request, metadata=md, timeout=timeout
         )
-        try:
-            response: bytes = await call
-        except grpc.aio.AioRpcError as exc:
-            await self._relay_error(context, exc, pin)
-        await self._relay_initial(context, call)
-        context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
+        response = await self._relay_unary(context, call, pin)
         if method.name == "ReleaseSession":
             await self._placement.release(info.session_id)
         return response
@@ -150,13 +145,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         call = self._upstreams.channel(pin.driver).stream_unary(method.path)(
             _chain(first, requests), metadata=md, timeout=timeout
         )
-        try:
-            response: bytes = await call
-        except grpc.aio.AioRpcError as exc:
-            await self._relay_error(context, exc, pin)
-        await self._relay_initial(context, call)
-        context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
-        return response
+        return await self._relay_unary(context, call, pin)
 
     async def _stream_stream(
         self,
@@ -198,6 +187,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context,
                 BadRequest(f"{method.name}: the client closed the stream without a request"),
             )
+
+    async def _relay_unary(self, context: grpc.aio.ServicerContext, call: Any, pin: Pin) -> bytes:
+        """Relay a single response with its initial and trailing metadata, or its error."""
+        try:
+            response: bytes = await call
+        except grpc.aio.AioRpcError as exc:
+            await self._relay_error(context, exc, pin)
+        await self._relay_initial(context, call)
+        context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
+        return response
 
     async def _relay_stream(
         self, context: grpc.aio.ServicerContext, call: Any, pin: Pin
