@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import psutil
 
@@ -36,40 +38,84 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float
 def read_line_matching(
     proc: subprocess.Popen[str], needle: str, timeout: float, seen: list[str] | None = None
 ) -> str:
-    """Read the process's stdout until a line containing `needle`; fail after `timeout`."""
+    """Read the process's stdout until a line containing `needle`; fail after `timeout`.
+
+    Reads the raw file descriptor: a buffered readline() may pull several lines into
+    Python's buffer, after which select() on the descriptor would wait for nothing.
+    """
     assert proc.stdout is not None
+    fd = proc.stdout.fileno()
     deadline = time.monotonic() + timeout
     lines = seen if seen is not None else []
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            line = proc.stdout.readline()
-            if not line and proc.poll() is not None:
+    pending = _pending.pop(fd, b"")
+    try:
+        while True:
+            while b"\n" in pending:
+                raw, pending = pending.split(b"\n", 1)
+                line = raw.decode("utf-8", "replace") + "\n"
+                lines.append(line)
+                if needle in line:
+                    return line
+            if time.monotonic() > deadline:
                 break
-            lines.append(line)
-            if needle in line:
-                return line
-        elif proc.poll() is not None:
-            break
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                pending += chunk
+            elif proc.poll() is not None:
+                break
+    finally:
+        _pending[fd] = pending
     raise AssertionError(
-        f"no line with {needle!r} after {timeout}s (exit {proc.poll()}); output:\n" + "".join(lines)
+        f"no line with {needle!r} after {timeout}s (exit {proc.poll()}); stdout:\n"
+        + "".join(lines)
+        + stderr_of(proc)
     )
 
 
-def spawn(args: Sequence[str], **kwargs: object) -> subprocess.Popen[str]:
-    """Start a Python module or console command of this project as a subprocess."""
-    env = dict(os.environ)
-    env.update(kwargs.pop("env", {}) or {})  # type: ignore[arg-type]
-    return subprocess.Popen(
+# Bytes read past the matched line, per stdout descriptor, for the next read_line_matching.
+_pending: dict[int, bytes] = {}
+
+
+def spawn(
+    args: Sequence[str], env: dict[str, str] | None = None, capture_stderr: bool = False
+) -> subprocess.Popen[str]:
+    """Start a Python module of this project as a subprocess in its own process group.
+
+    stderr goes to a temporary file (a pipe nobody reads could fill and block a long-lived
+    server) unless `capture_stderr` asks for a pipe, for short runs read with communicate().
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    err: int | IO[bytes] = subprocess.PIPE
+    if not capture_stderr:
+        err = tempfile.NamedTemporaryFile(prefix="spawn-stderr-", suffix=".log", delete=False)  # noqa: SIM115
+    proc = subprocess.Popen(
         [sys.executable, *args],
         cwd=ROOT,
-        env=env,
+        env=full_env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=err,
         text=True,
         start_new_session=True,
-        **kwargs,  # type: ignore[call-overload]
     )
+    if not isinstance(err, int):
+        _stderr_files[proc.pid] = Path(err.name)
+        err.close()
+    return proc
+
+
+_stderr_files: dict[int, Path] = {}
+
+
+def stderr_of(proc: subprocess.Popen[str]) -> str:
+    """What a spawned process wrote to stderr so far (for failure messages)."""
+    path = _stderr_files.get(proc.pid)
+    if path is None or not path.exists():
+        return ""
+    return "\nstderr:\n" + path.read_text(errors="replace")[-5000:]
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 20) -> int:
@@ -100,4 +146,9 @@ def close_pipes(proc: subprocess.Popen[str]) -> None:
     """Close a subprocess's pipes (unclosed files are warnings, and warnings are errors)."""
     for pipe in (proc.stdin, proc.stdout, proc.stderr):
         if pipe is not None:
+            if pipe is proc.stdout and not pipe.closed:
+                _pending.pop(pipe.fileno(), None)
             pipe.close()
+    path = _stderr_files.pop(proc.pid, None)
+    if path is not None:
+        path.unlink(missing_ok=True)

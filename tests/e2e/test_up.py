@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import psutil
+import pytest
 from pyspark.sql import SparkSession
 
 from tests.helpers import alive, close_pipes, free_port, read_line_matching, spawn, wait_until
@@ -16,6 +17,7 @@ def _java_descendants(proc: subprocess.Popen[str]) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "java" in p.name()]
 
 
+@pytest.mark.own_drivers
 def test_up_serves_pyspark_and_ctrl_c_stops_every_jvm() -> None:
     port = free_port()
     proc = spawn(["-m", "router.cli", "up", "--drivers", "1", "--listen", f"127.0.0.1:{port}"])
@@ -49,6 +51,7 @@ def test_up_without_java_says_how_to_fix_it(tmp_path: object) -> None:
     proc = spawn(
         ["-m", "router.cli", "up", "--listen", f"127.0.0.1:{free_port()}"],
         env={"PATH": "/nonexistent", "JAVA_HOME": ""},
+        capture_stderr=True,
     )
     _, err = proc.communicate(timeout=60)
     close_pipes(proc)
@@ -63,7 +66,9 @@ def test_up_refuses_a_taken_port_before_starting_drivers() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = spawn(["-m", "router.cli", "up", "--listen", f"127.0.0.1:{port}"])
+        proc = spawn(
+            ["-m", "router.cli", "up", "--listen", f"127.0.0.1:{port}"], capture_stderr=True
+        )
         _, err = proc.communicate(timeout=60)
         close_pipes(proc)
     assert proc.returncode == 3

@@ -13,7 +13,16 @@ import psutil
 import pytest
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc, relations_pb2
 
-from tests.helpers import alive, close_pipes, free_port, read_line_matching, spawn, stop, wait_until
+from tests.helpers import (
+    alive,
+    close_pipes,
+    free_port,
+    read_line_matching,
+    spawn,
+    stderr_of,
+    stop,
+    wait_until,
+)
 
 MiB = 1024 * 1024
 CLI = ["-m", "router.cli"]
@@ -32,7 +41,7 @@ def _serve(*args: str) -> tuple[subprocess.Popen[str], int]:
     port = free_port()
     proc = spawn([*CLI, "serve", "--listen", f"127.0.0.1:{port}", *args])
     wait_until(lambda: _accepts(port) or proc.poll() is not None, 30, "router to listen")
-    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    assert proc.poll() is None, stderr_of(proc)
     return proc, port
 
 
@@ -115,7 +124,7 @@ def _listeners(parent: psutil.Process, port: int) -> list[int]:
 
 
 def test_bad_configuration_exits_2_with_a_clear_message() -> None:
-    proc = spawn([*CLI, "serve", "--driver", "nonsense", "--workers", "0"])
+    proc = spawn([*CLI, "serve", "--driver", "nonsense", "--workers", "0"], capture_stderr=True)
     _, err = proc.communicate(timeout=30)
     close_pipes(proc)
     assert proc.returncode == 2
@@ -124,7 +133,7 @@ def test_bad_configuration_exits_2_with_a_clear_message() -> None:
 
 
 def test_no_drivers_exits_2() -> None:
-    proc = spawn([*CLI, "serve"], env={"SPARK_ROUTER_DRIVERS": ""})
+    proc = spawn([*CLI, "serve"], env={"SPARK_ROUTER_DRIVERS": ""}, capture_stderr=True)
     _, err = proc.communicate(timeout=30)
     close_pipes(proc)
     assert proc.returncode == 2 and "no drivers" in err
@@ -135,7 +144,10 @@ def test_port_in_use_exits_3(fake_driver_proc: str) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = spawn([*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--driver", fake_driver_proc])
+        proc = spawn(
+            [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--driver", fake_driver_proc],
+            capture_stderr=True,
+        )
         _, err = proc.communicate(timeout=30)
         close_pipes(proc)
     assert proc.returncode == 3
