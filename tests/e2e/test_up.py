@@ -74,3 +74,43 @@ def test_up_refuses_a_taken_port_before_starting_drivers() -> None:
     assert proc.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}: in use" in err
     assert "Starting" not in err  # no JVM was started for nothing
+
+
+@pytest.mark.own_drivers
+def test_sigterm_while_drivers_start_leaves_no_jvm() -> None:
+    proc = spawn(
+        ["-m", "router.cli", "up", "--drivers", "1", "--listen", f"127.0.0.1:{free_port()}"]
+    )
+    try:
+        wait_until(lambda: bool(_java_descendants(proc)), 60, "the driver JVM to be started")
+        jvms = _java_descendants(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        wait_until(lambda: not any(map(alive, jvms)), 30, "the driver JVM to exit")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        close_pipes(proc)
+
+
+def test_a_driver_that_cannot_start_is_explained_and_cleaned_up() -> None:
+    # A heap no machine can reserve: the JVM exits at once with a clear reason.
+    args = ["-m", "router.cli", "up", "--drivers", "2", "--driver-memory", "200t"]
+    proc = spawn([*args, "--listen", f"127.0.0.1:{free_port()}"], capture_stderr=True)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        close_pipes(proc)
+    assert proc.returncode == 3, err
+    assert "Could not reserve enough space" in err  # the log tail says why
+    assert "driver-" in err and ".log" in err  # and where the whole log is
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "-Xmx200t" in " ".join(p.info["cmdline"] or []) and alive(p)
+    ]
+    assert not leftovers
