@@ -1,19 +1,31 @@
-"""The contract every registry store implements (memory.py, and the Redis store).
+"""The contract every registry store implements (memory.py and redis.py).
 
 Invariants every store keeps:
 - `bind` is create-if-absent: of two concurrent binds of one session, both callers get
   the same winning pin back.
 - `move` is compare-and-set: it changes the pin only if it still names `expected`, and
   always returns the pin as it now is, so a caller that lost the race follows the winner.
-- The store holds no policy: it never chooses a driver.
+- Pins expire `pin_ttl` seconds after they were bound or last touched; `touch` refreshes
+  many at once (callers batch it, never one write per call).
+- A driver registered with a `ttl` is live until that long after its last upsert (its
+  heartbeat); without one (static drivers) until it is removed. `drivers()` lists only
+  live drivers.
+- Changes made through one store instance are announced to the `events()` of every
+  instance sharing the store (other replicas), so caches never need polling.
+- Stores raise `RegistryUnavailable` when they cannot reach their backend, nothing else;
+  they hold no policy and never choose a driver.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from typing import Protocol
 
-from registry.models import Driver, Pin
+from registry.models import Driver, Event, Pin
+
+
+class RegistryUnavailable(Exception):
+    """The registry's backend cannot be reached right now."""
 
 
 class Registry(Protocol):
@@ -32,21 +44,29 @@ class Registry(Protocol):
         ...
 
     async def release(self, session_id: str) -> None:
-        """Forget a session's pin (ReleaseSession)."""
+        """Forget a session's pin (ReleaseSession) and announce it."""
+        ...
+
+    async def touch(self, session_ids: Collection[str]) -> None:
+        """Refresh the TTL of the pins of active sessions, in one batch."""
         ...
 
     async def drivers(self) -> Sequence[Driver]:
-        """Every known driver, whatever its state."""
+        """Every live driver, whatever its state."""
         ...
 
-    async def upsert_driver(self, driver: Driver) -> None:
-        """Add a driver or replace its record."""
+    async def upsert_driver(self, driver: Driver, ttl: float | None = None) -> None:
+        """Register a driver or refresh its record (a heartbeat when `ttl` is given)."""
         ...
 
     async def remove_driver(self, address: str) -> None:
-        """Forget a driver."""
+        """Deregister a driver and announce it."""
+        ...
+
+    def events(self) -> AsyncIterator[Event]:
+        """Changes made by any instance sharing this store, from now on (until close)."""
         ...
 
     async def close(self) -> None:
-        """Release the store's resources."""
+        """Release the store's resources; open `events()` iterators end."""
         ...

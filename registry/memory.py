@@ -1,61 +1,131 @@
-"""In-process registry: the embedded default for a single replica.
+"""In-process registry: the embedded default for a single replica (`memory://`).
 
 State lives in dicts owned by one event loop; every operation completes without awaiting
 anything, so each one is atomic with respect to other calls on that loop. Pins are not
 shared between processes: with `--workers N` or several replicas every process places a
 new session by the same deterministic ring, so static drivers still agree; anything
 dynamic (moves, membership changes) needs the shared Redis registry.
+
+Expiry follows the contract in base.py, measured with an injected clock so tests need no
+sleeps. Events reach the `events()` iterators of this instance only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
-from registry.models import Driver, Pin
+from registry.models import Driver, Event, EventKind, Pin
+
+DEFAULT_PIN_TTL = 2 * 3600.0
+
+_CLOSED = object()
 
 
 class MemoryRegistry:
     """Pins and drivers in process memory."""
 
-    def __init__(self) -> None:
-        self._pins: dict[str, Pin] = {}
-        self._drivers: dict[str, Driver] = {}
+    def __init__(
+        self, pin_ttl: float = DEFAULT_PIN_TTL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._pin_ttl = pin_ttl
+        self._clock = clock
+        self._pins: dict[str, tuple[Pin, float]] = {}
+        self._drivers: dict[str, tuple[Driver, float]] = {}
+        self._subscribers: list[asyncio.Queue[object]] = []
+
+    # --- pins ---------------------------------------------------------------------------
 
     async def get_pin(self, session_id: str) -> Pin | None:
         """The pin of a session, or None."""
-        return self._pins.get(session_id)
+        entry = self._pins.get(session_id)
+        if entry is None:
+            return None
+        if entry[1] <= self._clock():
+            del self._pins[session_id]
+            return None
+        return entry[0]
 
     async def bind(self, pin: Pin) -> Pin:
         """Store `pin` unless the session is already pinned; return the pin in force."""
-        return self._pins.setdefault(pin.session_id, pin)
+        current = await self.get_pin(pin.session_id)
+        if current is not None:
+            return current
+        self._pins[pin.session_id] = (pin, self._clock() + self._pin_ttl)
+        return pin
 
     async def move(self, session_id: str, expected: str, pin: Pin) -> Pin | None:
         """Replace the pin if it still names driver `expected`; return the pin in force."""
-        current = self._pins.get(session_id)
-        if current is not None and current.driver == expected:
-            self._pins[session_id] = pin
-            return pin
-        return current
+        current = await self.get_pin(session_id)
+        if current is None or current.driver != expected:
+            return current
+        self._pins[session_id] = (pin, self._clock() + self._pin_ttl)
+        self._publish(Event(EventKind.PIN_MOVED, pin=pin, session_id=session_id))
+        return pin
 
     async def release(self, session_id: str) -> None:
         """Forget a session's pin."""
-        self._pins.pop(session_id, None)
+        if self._pins.pop(session_id, None) is not None:
+            self._publish(Event(EventKind.PIN_RELEASED, session_id=session_id))
 
-    async def drivers(self) -> Sequence[Driver]:
-        """Every known driver."""
-        return list(self._drivers.values())
-
-    async def upsert_driver(self, driver: Driver) -> None:
-        """Add a driver or replace its record."""
-        self._drivers[driver.address] = driver
-
-    async def remove_driver(self, address: str) -> None:
-        """Forget a driver."""
-        self._drivers.pop(address, None)
-
-    async def close(self) -> None:
-        """Nothing to release."""
+    async def touch(self, session_ids: Collection[str]) -> None:
+        """Refresh the TTL of live pins."""
+        expires = self._clock() + self._pin_ttl
+        for session_id in session_ids:
+            pin = await self.get_pin(session_id)
+            if pin is not None:
+                self._pins[session_id] = (pin, expires)
 
     def pin_count(self) -> int:
         """How many sessions are pinned (for tests and metrics)."""
         return len(self._pins)
+
+    # --- drivers ------------------------------------------------------------------------
+
+    async def drivers(self) -> Sequence[Driver]:
+        """Every live driver."""
+        now = self._clock()
+        return [d for d, expires in self._drivers.values() if expires > now]
+
+    async def upsert_driver(self, driver: Driver, ttl: float | None = None) -> None:
+        """Register a driver or refresh its record."""
+        now = self._clock()
+        previous = self._drivers.get(driver.address)
+        self._drivers[driver.address] = (driver, math.inf if ttl is None else now + ttl)
+        if previous is None or previous[1] <= now:
+            self._publish(Event(EventKind.DRIVER_JOINED, driver=driver))
+        elif previous[0] != driver:
+            self._publish(Event(EventKind.DRIVER_CHANGED, driver=driver))
+
+    async def remove_driver(self, address: str) -> None:
+        """Deregister a driver."""
+        entry = self._drivers.pop(address, None)
+        if entry is not None:
+            self._publish(Event(EventKind.DRIVER_LEFT, driver=entry[0]))
+
+    # --- events -------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Changes made through this instance, from now on, until close()."""
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        self._subscribers.append(queue)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _CLOSED:
+                    return
+                assert isinstance(item, Event)
+                yield item
+        finally:
+            self._subscribers.remove(queue)
+
+    def _publish(self, event: Event) -> None:
+        for queue in self._subscribers:
+            queue.put_nowait(event)
+
+    async def close(self) -> None:
+        """End every events() iterator."""
+        for queue in self._subscribers:
+            queue.put_nowait(_CLOSED)

@@ -41,3 +41,23 @@ class Pin:
     session_id: str
     driver: str  # Driver.address
     pool: str = DEFAULT_POOL
+
+
+class EventKind(str, enum.Enum):
+    """What changed in the registry."""
+
+    DRIVER_JOINED = "driver_joined"
+    DRIVER_LEFT = "driver_left"
+    DRIVER_CHANGED = "driver_changed"
+    PIN_MOVED = "pin_moved"
+    PIN_RELEASED = "pin_released"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change, as replicas hear of it (to keep their pin caches and rings coherent)."""
+
+    kind: EventKind
+    driver: Driver | None = None  # DRIVER_*: the driver as it now is (LEFT: as it was)
+    pin: Pin | None = None  # PIN_MOVED: the new pin
+    session_id: str | None = None  # PIN_*: the session

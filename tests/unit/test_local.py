@@ -120,6 +120,10 @@ if mode.startswith("hang"):
     if stray == 0:
         os.setpgid(0, 0)
         os.execvp("sleep", ["sleep", "300"])
+    try:  # also from the parent, so the group exists before the pids are published
+        os.setpgid(stray, stray)
+    except OSError:  # the child already did it and exec'd
+        pass
     path = os.path.join(os.environ["FAKE_SPARK_PIDS_DIR"], port)
     with open(path + ".tmp", "w") as f:
         f.write(f"{{os.getpid()}} {{child}} {{stray}}")
