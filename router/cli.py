@@ -80,6 +80,14 @@ def cli() -> None:
     multiple=True,
     help="Spark Connect driver HOST:PORT; repeat for more [env: SPARK_ROUTER_DRIVERS=a,b].",
 )
+@click.option(
+    "--registry",
+    help="memory:// (default, one replica) or a shared redis://, rediss://, unix://, "
+    "redis+sentinel://host:port/master.",
+)
+@click.option(
+    "--default-pool", help="pool of sessions that send no x-spark-pool [default: default]."
+)
 @click.option("--workers", type=int, help="processes sharing the port (SO_REUSEPORT) [default: 1].")
 @click.option("--max-message-bytes", type=int, help="largest message forwarded [default: 128 MiB].")
 @_config_option
@@ -87,6 +95,8 @@ def cli() -> None:
 def serve(
     listen: str | None,
     drivers: tuple[str, ...],
+    registry: str | None,
+    default_pool: str | None,
     workers: int | None,
     max_message_bytes: int | None,
     config: Path | None,
@@ -97,6 +107,8 @@ def serve(
         config,
         listen=listen,
         drivers=list(drivers) or None,
+        registry=registry,
+        default_pool=default_pool,
         workers=workers,
         max_message_bytes=max_message_bytes,
         log_level=log_level,
@@ -147,6 +159,74 @@ def up(
     )
     configure_logging(settings.log_level)
     sys.exit(run_up(settings))
+
+
+@cli.command()
+@click.option(
+    "--driver",
+    required=True,
+    envvar="SPARK_ROUTER_AGENT_DRIVER",
+    help="the Spark Connect driver to probe, HOST:PORT.",
+)
+@click.option(
+    "--registry",
+    required=True,
+    envvar="SPARK_ROUTER_REGISTRY",
+    help="the shared registry routers read, e.g. redis://redis:6379/0.",
+)
+@click.option(
+    "--pool", envvar="SPARK_ROUTER_AGENT_POOL", help="the driver's pool [default: default]."
+)
+@click.option(
+    "--advertise",
+    envvar="SPARK_ROUTER_AGENT_ADVERTISE",
+    help="HOST:PORT routers dial [default: --driver].",
+)
+@click.option(
+    "--weight",
+    type=int,
+    envvar="SPARK_ROUTER_AGENT_WEIGHT",
+    help="share of new sessions [default: 1].",
+)
+@click.option(
+    "--heartbeat-interval",
+    type=float,
+    envvar="SPARK_ROUTER_AGENT_HEARTBEAT_INTERVAL",
+    help="seconds between probes and heartbeats [default: 2].",
+)
+@click.option(
+    "--ttl",
+    type=float,
+    envvar="SPARK_ROUTER_AGENT_TTL",
+    help="seconds a heartbeat keeps the driver live [default: 3 intervals].",
+)
+@_log_option
+def agent(
+    driver: str,
+    registry: str,
+    pool: str | None,
+    advertise: str | None,
+    weight: int | None,
+    heartbeat_interval: float | None,
+    ttl: float | None,
+    log_level: str | None,
+) -> None:
+    """Run next to a Spark Connect driver: probe it, register it, heartbeat, deregister on exit."""
+    from registry.agent import AgentSettings, run_agent
+
+    configure_logging(log_level or "info")
+    try:
+        settings = AgentSettings(
+            driver=driver,
+            pool=pool,
+            advertise=advertise,
+            weight=weight,
+            heartbeat_interval=heartbeat_interval,
+            ttl=ttl,
+        )
+    except ValueError as exc:
+        _fail(f"invalid agent settings: {exc}", EXIT_CONFIG)
+    sys.exit(run_agent(settings, registry))
 
 
 def _check_port_free(listen: str) -> None:

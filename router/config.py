@@ -103,6 +103,23 @@ class Settings(BaseSettings):
         default_factory=list, description="static Spark Connect drivers, HOST:PORT each"
     )
     workers: int = Field(1, ge=1, le=64, description="processes sharing the listen port")
+    registry: str = Field(
+        "memory://",
+        description="where pins and drivers live: memory://, redis://, rediss://, unix://, "
+        "redis+sentinel://",
+    )
+    default_pool: str = Field(
+        "default", min_length=1, description="pool of sessions that send no x-spark-pool"
+    )
+    pin_ttl_seconds: float = Field(
+        7200.0, gt=0, description="how long an idle session's pin lives in the registry"
+    )
+    pin_touch_interval_seconds: float = Field(
+        30.0, gt=0, description="how often active sessions' pins are refreshed, in one batch"
+    )
+    membership_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="how often drivers are re-read (catches expired heartbeats)"
+    )
     max_message_bytes: int = Field(
         SPARK_MAX_MESSAGE_BYTES,
         ge=SPARK_MAX_MESSAGE_BYTES,
@@ -145,6 +162,14 @@ class Settings(BaseSettings):
                 raise ValueError(f"driver {address} is listed twice")
             seen.add(address)
         return checked
+
+    @field_validator("registry")
+    @classmethod
+    def _check_registry(cls, value: str) -> str:
+        schemes = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://")
+        if not value.startswith(schemes):
+            raise ValueError(f"{value!r} is not a registry URL ({', '.join(schemes)})")
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -33,6 +33,12 @@ class NoLiveDriver(RouterError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class UnknownPool(RouterError):
+    """The session asked for a pool no driver belongs to."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class DriverUnreachable(RouterError):
     """A driver refused or dropped the connection before answering."""
 

@@ -1,30 +1,42 @@
 """Session → driver: the pin cache, the registry pin and the ring.
 
-The first call of a session asks the ring (of the session's pool) for a driver and binds
-a pin in the registry; the registry returns the winning pin if another caller bound one
+The first call of a session asks the ring of the session's pool for a driver and binds a
+pin in the registry; the registry returns the winning pin if another replica bound one
 first, and this replica follows it. Later calls of a known session are answered from a
-bounded local cache without any registry round trip.
+bounded local cache without any registry round trip; their TTL refreshes are collected
+and written in one batch by `flush`, called periodically by the replica.
+
+Registry outage (degraded mode, `RegistryUnavailable` from any operation):
+- known sessions keep routing from the cache;
+- new sessions are placed by the ring alone and remembered as pending; `flush` writes
+  them back once the registry answers again (if another replica bound the session
+  meanwhile, its pin wins and this replica follows it);
+- the `spark_router_registry_degraded` gauge is 1 and one warning is logged per outage.
 
 `choose` is the pure decision; `Placement` does the I/O around it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
-from registry.base import Registry
-from registry.models import DEFAULT_POOL, Pin
-from router.errors import NoLiveDriver
+from registry.base import Registry, RegistryUnavailable
+from registry.models import Event, EventKind, Pin
+from router.errors import NoLiveDriver, UnknownPool
 from router.ring import Rings
+from router.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
 
 
 def choose(session_id: str, pool: str, rings: Rings) -> str:
-    """The driver a new session goes to; raise NoLiveDriver when the pool has none."""
+    """The driver a new session goes to; raise when the pool is unknown or has no driver."""
     address = rings.pick(pool, session_id)
     if address is None:
         if pool not in rings.pools:
             known = ", ".join(sorted(rings.pools)) or "none"
-            raise NoLiveDriver(f"pool {pool!r} has no drivers (pools: {known})")
+            raise UnknownPool(f"pool {pool!r} has no drivers (pools: {known})")
         raise NoLiveDriver(f"pool {pool!r} has no driver that takes new sessions")
     return address
 
@@ -50,6 +62,11 @@ class PinCache:
         while len(self._pins) > self._capacity:
             self._pins.popitem(last=False)
 
+    def replace(self, pin: Pin) -> None:
+        """Update a pin only if this cache holds the session."""
+        if pin.session_id in self._pins:
+            self._pins[pin.session_id] = pin
+
     def drop(self, session_id: str) -> None:
         """Forget a session."""
         self._pins.pop(session_id, None)
@@ -61,10 +78,22 @@ class PinCache:
 class Placement:
     """Finds the driver of a session: cache, then registry pin, then ring."""
 
-    def __init__(self, registry: Registry, rings: Rings, cache_size: int) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        rings: Rings,
+        cache_size: int,
+        default_pool: str = "default",
+        telemetry: Telemetry | None = None,
+    ) -> None:
         self._registry = registry
         self.rings = rings
         self.cache = PinCache(cache_size)
+        self.default_pool = default_pool
+        self.telemetry = telemetry or Telemetry()
+        self._active: set[str] = set()  # sessions used since the last flush
+        self._pending: dict[str, Pin] = {}  # placed while the registry was down
+        self.degraded = False
 
     def update_membership(self, rings: Rings) -> None:
         """Swap in rings built from a new membership snapshot."""
@@ -74,16 +103,93 @@ class Placement:
         """The pin of a session, creating it on the session's first call."""
         pin = self.cache.get(session_id)
         if pin is not None:
+            self._active.add(session_id)
             return pin
-        pin = await self._registry.get_pin(session_id)
-        if pin is None:
-            pool = pool or DEFAULT_POOL
-            address = choose(session_id, pool, self.rings)
-            pin = await self._registry.bind(Pin(session_id, address, pool))
+        pool = pool or self.default_pool
+        try:
+            pin = await self._registry.get_pin(session_id)
+            source = "registry"
+            if pin is None:
+                pin = await self._registry.bind(
+                    Pin(session_id, choose(session_id, pool, self.rings), pool)
+                )
+                source = "ring"
+            self._registry_ok()
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)
+            pin = Pin(session_id, choose(session_id, pool, self.rings), pool)
+            self._pending[session_id] = pin
+            self.telemetry.pins_pending.set(len(self._pending))
+            source = "degraded"
+        self.telemetry.sessions_placed.labels(pin.pool, source).inc()
         self.cache.put(pin)
         return pin
 
     async def release(self, session_id: str) -> None:
         """Forget a session everywhere (after a successful ReleaseSession)."""
         self.cache.drop(session_id)
-        await self._registry.release(session_id)
+        self._active.discard(session_id)
+        if self._pending.pop(session_id, None) is not None:
+            self.telemetry.pins_pending.set(len(self._pending))
+            return
+        try:
+            await self._registry.release(session_id)
+        except RegistryUnavailable as exc:
+            # The pin expires by its TTL; nothing else depends on it.
+            self._registry_down(exc)
+
+    def on_event(self, event: Event) -> None:
+        """Apply a pin change announced by another replica."""
+        if event.kind is EventKind.PIN_MOVED and event.pin is not None:
+            self.cache.replace(event.pin)
+        elif event.kind is EventKind.PIN_RELEASED and event.session_id is not None:
+            self.cache.drop(event.session_id)
+
+    async def flush(self) -> None:
+        """Periodic registry work: write back pins of the outage, refresh TTLs in one batch."""
+        try:
+            for session_id, pin in list(self._pending.items()):
+                winner = await self._registry.bind(pin)
+                del self._pending[session_id]
+                if winner != pin:
+                    log.warning(
+                        "session %s was pinned to %s by another replica during the outage; "
+                        "following it (was %s here)",
+                        session_id,
+                        winner.driver,
+                        pin.driver,
+                    )
+                    self.cache.replace(winner)
+            active, self._active = self._active, set()
+            if active:
+                await self._registry.touch(active)
+            self._registry_ok()
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)
+        self.telemetry.pins_pending.set(len(self._pending))
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether outage pins wait to be written back (flush at the next tick)."""
+        return bool(self._pending) or self.degraded
+
+    def note_registry_error(self, exc: RegistryUnavailable) -> None:
+        """Count an error of another registry operation (membership, events)."""
+        self._registry_down(exc)
+
+    def _registry_down(self, exc: RegistryUnavailable) -> None:
+        self.telemetry.registry_errors.inc()
+        if not self.degraded:
+            self.degraded = True
+            self.telemetry.registry_degraded.set(1)
+            log.warning(
+                "registry unavailable (%s): degraded: known sessions route from cache, "
+                "new sessions by the ring alone until it is back",
+                exc,
+            )
+
+    def _registry_ok(self) -> None:
+        if self.degraded and not self._pending:
+            self.degraded = False
+            self.telemetry.registry_degraded.set(0)
+            log.warning("registry is back: routing normally again")

@@ -25,12 +25,13 @@ from collections.abc import Sequence
 import grpc
 import grpc.aio
 
-from registry.memory import MemoryRegistry
-from registry.models import Driver
+from registry.base import Registry, RegistryUnavailable
+from registry.models import Driver, EventKind
 from router.config import Settings
 from router.placement import Placement
 from router.proxy import Proxy
 from router.ring import Rings
+from router.telemetry import Telemetry
 from router.upstreams import Upstreams, channel_options
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,32 @@ class StartupError(Exception):
 
 
 class Replica:
-    """One router replica: a gRPC server forwarding Spark Connect calls to drivers."""
+    """One router replica: a gRPC server forwarding Spark Connect calls to drivers.
+
+    Membership is the static `--driver`s merged with the registry's live drivers (a
+    registry record wins for the same address: it knows the driver's state). It is re-read
+    on every driver event and every `membership_poll_seconds` (an expired heartbeat makes
+    no event); while the registry is unreachable the last membership is kept.
+    """
 
     def __init__(self, settings: Settings, drivers: Sequence[str] | None = None) -> None:
+        from registry import open_registry
+
         self.settings = settings
-        self._static = list(drivers if drivers is not None else settings.drivers)
-        self.registry = MemoryRegistry()
+        self._static = [Driver(a) for a in (drivers if drivers is not None else settings.drivers)]
+        self.telemetry = Telemetry()
+        self.registry: Registry = open_registry(settings.registry, pin_ttl=settings.pin_ttl_seconds)
         self.upstreams = Upstreams(settings)
-        self.placement = Placement(self.registry, Rings(), settings.session_cache_size)
+        self.placement = Placement(
+            self.registry,
+            Rings.build(self._static),
+            settings.session_cache_size,
+            settings.default_pool,
+            self.telemetry,
+        )
+        self._membership: tuple[Driver, ...] = ()
+        self._dynamic: Sequence[Driver] = ()
+        self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -66,14 +85,13 @@ class Replica:
         return f"{host}:{self.port}"
 
     async def start(self) -> int:
-        """Bind and start serving; return the bound port."""
-        if not self._static:
+        """Read membership, bind and start serving; return the bound port."""
+        if not self._static and self.settings.registry.startswith("memory://"):
             raise StartupError(
-                "no drivers: give --driver HOST:PORT (repeatable) or SPARK_ROUTER_DRIVERS"
+                "no drivers: give --driver HOST:PORT (repeatable), SPARK_ROUTER_DRIVERS, "
+                "or a shared --registry that agents register drivers in"
             )
-        for address in self._static:
-            await self.registry.upsert_driver(Driver(address))
-        self.placement.update_membership(Rings.build(await self.registry.drivers()))
+        await self.refresh_membership()
 
         reuse_port = 1 if self.settings.workers > 1 else 0
         server = grpc.aio.server(
@@ -88,8 +106,67 @@ class Replica:
             ) from exc
         await server.start()
         self._server = server
-        log.info("spark-router listening on %s, drivers: %s", self.address, ", ".join(self._static))
+        self._tasks = [
+            asyncio.ensure_future(self._watch_events()),
+            asyncio.ensure_future(self._maintain()),
+        ]
+        log.info(
+            "spark-router listening on %s, registry %s, drivers: %s",
+            self.address,
+            _redact(self.settings.registry),
+            ", ".join(d.address for d in self._membership) or "none yet",
+        )
         return self.port
+
+    async def refresh_membership(self) -> None:
+        """Re-read the registry's drivers and swap in new rings if membership changed."""
+        try:
+            self._dynamic = await self.registry.drivers()
+        except RegistryUnavailable as exc:
+            self.placement.note_registry_error(exc)
+        members = {d.address: d for d in self._static}
+        members.update((d.address, d) for d in self._dynamic)
+        membership = tuple(sorted(members.values(), key=lambda d: d.address))
+        if membership == self._membership:
+            return
+        self._membership = membership
+        self.placement.update_membership(Rings.build(membership))
+        self.telemetry.live_drivers.clear()
+        for d in membership:
+            if d.takes_new_sessions:
+                self.telemetry.live_drivers.labels(d.pool).inc()
+        log.info(
+            "membership: %s",
+            ", ".join(f"{d.address} ({d.pool}, {d.state.value})" for d in membership) or "none",
+        )
+
+    async def _watch_events(self) -> None:
+        """Follow registry events: membership changes and other replicas' pin changes."""
+        backoff = 0.1
+        while True:
+            try:
+                async for event in self.registry.events():
+                    backoff = 0.1
+                    if event.kind in _DRIVER_EVENTS:
+                        await self.refresh_membership()
+                    else:
+                        self.placement.on_event(event)
+                return  # the registry was closed
+            except RegistryUnavailable as exc:
+                self.placement.note_registry_error(exc)
+            await asyncio.sleep(backoff)  # bounded retry while the registry is down
+            backoff = min(backoff * 2, 5.0)
+
+    async def _maintain(self) -> None:
+        """Periodic work: membership poll, TTL refresh and write-back of outage pins."""
+        loop = asyncio.get_running_loop()
+        next_flush = loop.time() + self.settings.pin_touch_interval_seconds
+        while True:
+            await asyncio.sleep(self.settings.membership_poll_seconds)
+            await self.refresh_membership()
+            if self.placement.needs_flush or loop.time() >= next_flush:
+                await self.placement.flush()
+                next_flush = loop.time() + self.settings.pin_touch_interval_seconds
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish for `grace` seconds, close."""
@@ -97,6 +174,14 @@ class Replica:
             grace = self.settings.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)
             self._server = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        with contextlib.suppress(RegistryUnavailable):
+            await self.placement.flush()  # hand outage pins and TTLs over before leaving
         await self.upstreams.close()
         await self.registry.close()
 
@@ -106,6 +191,19 @@ class Replica:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(0)
+
+
+_DRIVER_EVENTS = frozenset(
+    {EventKind.DRIVER_JOINED, EventKind.DRIVER_LEFT, EventKind.DRIVER_CHANGED}
+)
+
+
+def _redact(url: str) -> str:
+    """A registry URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest
 
 
 async def serve_until_signal(replica: Replica, ready: asyncio.Event | None = None) -> None:

@@ -14,17 +14,16 @@ from pyspark.sql import SparkSession
 
 from registry.models import Driver
 from router.ring import Rings
-from tests.helpers import free_port, spawn, stop, wait_until
+from tests.helpers import free_port, spawn, stderr_of, stop, wait_until
 
 PORT_CONF = "spark.connect.grpc.binding.port"
 
 
-@pytest.fixture(scope="module")
-def router_url(spark_drivers: Any) -> Iterator[str]:
-    """`spark-router serve` in front of both drivers; yields its sc:// URL."""
+def _serve(drivers: list[str], *extra: str) -> tuple[subprocess.Popen[str], str]:
+    """Start `spark-router serve` in front of `drivers`; return it and its sc:// URL."""
     port = free_port()
-    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}"]
-    for address in spark_drivers.addresses:
+    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}", *extra]
+    for address in drivers:
         args += ["--driver", address]
     proc: subprocess.Popen[str] = spawn(args)
 
@@ -33,9 +32,26 @@ def router_url(spark_drivers: Any) -> Iterator[str]:
             return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
 
     wait_until(listening, 30, "the router to listen")
-    assert proc.poll() is None
-    yield f"sc://127.0.0.1:{port}"
+    assert proc.poll() is None, stderr_of(proc)
+    return proc, f"sc://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def router_url(spark_drivers: Any) -> Iterator[str]:
+    """One `spark-router serve` (embedded registry) in front of both drivers."""
+    proc, url = _serve(spark_drivers.addresses)
+    yield url
     assert stop(proc) == 0
+
+
+@pytest.fixture(scope="module")
+def replica_urls(spark_drivers: Any, redis_server: Any) -> Iterator[list[str]]:
+    """Two replicas sharing a real Redis registry, drivers listed in opposite orders."""
+    a = _serve(spark_drivers.addresses, "--registry", redis_server.url)
+    b = _serve(list(reversed(spark_drivers.addresses)), "--registry", redis_server.url)
+    yield [a[1], b[1]]
+    assert stop(a[0]) == 0
+    assert stop(b[0]) == 0
 
 
 def _sessions_per_driver(addresses: list[str], per_driver: int) -> dict[str, list[str]]:
@@ -53,7 +69,15 @@ def _sessions_per_driver(addresses: list[str], per_driver: int) -> dict[str, lis
     raise AssertionError("could not spread sessions over the drivers")
 
 
-def test_six_sessions_keep_their_state_on_their_driver(router_url: str, spark_drivers: Any) -> None:
+@pytest.mark.parametrize("setup", ["one replica", "two replicas and redis"])
+def test_six_sessions_keep_their_state_on_their_driver(
+    setup: str, request: pytest.FixtureRequest, spark_drivers: Any
+) -> None:
+    urls = (
+        [request.getfixturevalue("router_url")]
+        if setup == "one replica"
+        else request.getfixturevalue("replica_urls")
+    )
     addresses: list[str] = spark_drivers.addresses
     plan = _sessions_per_driver(addresses, 3)
     expected_port = {sid: int(a.rsplit(":", 1)[1]) for a, sids in plan.items() for sid in sids}
@@ -61,7 +85,8 @@ def test_six_sessions_keep_their_state_on_their_driver(router_url: str, spark_dr
     try:
         # Create all six first, then interleave their work: each must keep its own state.
         for i, sid in enumerate(expected_port):
-            spark = SparkSession.builder.remote(f"{router_url}/;session_id={sid}").create()
+            url = urls[i % len(urls)]  # alternate replicas between sessions
+            spark = SparkSession.builder.remote(f"{url}/;session_id={sid}").create()
             sessions[sid] = spark
             spark.conf.set("spark.sql.shuffle.partitions", str(11 + i))
             spark.range(100).selectExpr(f"id * {i + 1} AS v").createOrReplaceTempView("t")
@@ -77,6 +102,20 @@ def test_six_sessions_keep_their_state_on_their_driver(router_url: str, spark_dr
     finally:
         for spark in sessions.values():
             spark.stop()
+
+
+def test_one_session_through_both_replicas_is_one_session(replica_urls: list[str]) -> None:
+    sid = str(uuid.uuid4())
+    first = SparkSession.builder.remote(f"{replica_urls[0]}/;session_id={sid}").create()
+    second = SparkSession.builder.remote(f"{replica_urls[1]}/;session_id={sid}").create()
+    try:
+        first.range(42).createOrReplaceTempView("shared_view")
+        # Same driver, same server-side session: the view made via replica A is there via B.
+        assert second.sql("SELECT count(*) AS n FROM shared_view").collect()[0]["n"] == 42
+        assert first.conf.get(PORT_CONF) == second.conf.get(PORT_CONF)
+    finally:
+        second.stop()
+        first.stop()
 
 
 def test_header_routing_opt_in(router_url: str) -> None:

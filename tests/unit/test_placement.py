@@ -2,30 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import pytest
 
+from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
-from registry.models import Driver, DriverState, Pin
-from router.errors import NoLiveDriver
+from registry.models import Driver, DriverState, Event, EventKind, Pin
+from router.errors import NoLiveDriver, UnknownPool
 from router.placement import PinCache, Placement, choose
 from router.ring import Rings
 
 
 class CountingRegistry(MemoryRegistry):
-    """The memory store, counting round trips."""
+    """The memory store, counting round trips; `down` makes every operation fail."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lookups = 0
         self.binds = 0
+        self.touched: list[set[str]] = []
+        self.down = False
+
+    def _check(self) -> None:
+        if self.down:
+            raise RegistryUnavailable("test: registry is down")
 
     async def get_pin(self, session_id: str) -> Pin | None:
+        self._check()
         self.lookups += 1
         return await super().get_pin(session_id)
 
     async def bind(self, pin: Pin) -> Pin:
+        self._check()
         self.binds += 1
         return await super().bind(pin)
+
+    async def touch(self, session_ids: Collection[str]) -> None:
+        self._check()
+        self.touched.append(set(session_ids))
+        await super().touch(session_ids)
+
+    async def release(self, session_id: str) -> None:
+        self._check()
+        await super().release(session_id)
 
 
 RINGS = Rings.build([Driver("127.0.0.1:1"), Driver("127.0.0.1:2")])
@@ -76,7 +96,7 @@ async def test_release_forgets_the_session() -> None:
 
 def test_choose_explains_unknown_and_empty_pools() -> None:
     rings = Rings.build([Driver("127.0.0.1:1", pool="etl", state=DriverState.DOWN)])
-    with pytest.raises(NoLiveDriver, match=r"pool 'bi' has no drivers \(pools: etl\)"):
+    with pytest.raises(UnknownPool, match=r"pool 'bi' has no drivers \(pools: etl\)"):
         choose("s", "bi", rings)
     with pytest.raises(NoLiveDriver, match="pool 'etl' has no driver that takes new sessions"):
         choose("s", "etl", rings)
@@ -103,3 +123,73 @@ async def test_memory_registry_contract() -> None:
     assert [d.weight for d in await reg.drivers()] == [3]
     await reg.remove_driver("d1")
     assert list(await reg.drivers()) == []
+
+
+async def test_ttl_refresh_is_one_batch_per_flush() -> None:
+    reg = CountingRegistry()
+    placement = Placement(reg, RINGS, 100)
+    for s in ("a", "b", "c"):
+        await placement.place(s, None)
+    for _ in range(50):
+        for s in ("a", "b"):
+            await placement.place(s, None)
+    await placement.flush()
+    assert reg.touched == [{"a", "b"}]
+    await placement.flush()  # nothing active since: no write at all
+    assert reg.touched == [{"a", "b"}]
+
+
+async def test_registry_outage_degrades_and_recovers() -> None:
+    reg = CountingRegistry()
+    placement = Placement(reg, RINGS, 100)
+    known = await placement.place("known", None)
+    reg.down = True
+    # Known sessions: from the cache, no registry trip, no error.
+    assert await placement.place("known", None) == known
+    assert placement.telemetry.value("spark_router_registry_degraded") == 0
+    # New sessions: by the ring alone; the replica says it is degraded.
+    new = await placement.place("new", None)
+    assert new.driver == RINGS.pick("default", "new")
+    assert placement.telemetry.value("spark_router_registry_degraded") == 1
+    assert placement.telemetry.value("spark_router_pins_pending_writeback") == 1
+    await placement.flush()  # still down: kept pending
+    assert placement.needs_flush
+    reg.down = False
+    await placement.flush()
+    assert await reg.get_pin("new") == new  # written back
+    assert placement.telemetry.value("spark_router_registry_degraded") == 0
+    assert placement.telemetry.value("spark_router_pins_pending_writeback") == 0
+    assert not placement.needs_flush
+
+
+async def test_write_back_follows_a_pin_bound_elsewhere_meanwhile() -> None:
+    reg = CountingRegistry()
+    placement = Placement(reg, RINGS, 100)
+    reg.down = True
+    mine = await placement.place("s", None)
+    reg.down = False
+    other = "127.0.0.1:2" if mine.driver == "127.0.0.1:1" else "127.0.0.1:1"
+    await reg.bind(Pin("s", other))  # another replica got there first
+    await placement.flush()
+    assert (await placement.place("s", None)).driver == other
+
+
+async def test_events_from_other_replicas_update_the_cache() -> None:
+    placement = Placement(CountingRegistry(), RINGS, 100)
+    pin = await placement.place("s", None)
+    moved = Pin("s", "127.0.0.1:9", pin.pool)
+    placement.on_event(Event(EventKind.PIN_MOVED, pin=moved, session_id="s"))
+    assert placement.cache.get("s") == moved
+    placement.on_event(Event(EventKind.PIN_MOVED, pin=Pin("other", "x"), session_id="other"))
+    assert placement.cache.get("other") is None  # not cached here: not added
+    placement.on_event(Event(EventKind.PIN_RELEASED, session_id="s"))
+    assert placement.cache.get("s") is None
+
+
+async def test_pool_from_the_call_or_the_default() -> None:
+    rings = Rings.build([Driver("127.0.0.1:1", pool="etl"), Driver("127.0.0.1:2", pool="bi")])
+    placement = Placement(CountingRegistry(), rings, 100, default_pool="bi")
+    assert (await placement.place("a", "etl")).driver == "127.0.0.1:1"
+    assert (await placement.place("b", None)).driver == "127.0.0.1:2"
+    with pytest.raises(UnknownPool, match="pool 'nope'"):
+        await placement.place("c", "nope")

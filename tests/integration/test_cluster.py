@@ -1,0 +1,271 @@
+"""Several replicas, one Redis registry, fake drivers: one truth about every session."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import grpc.aio
+import pytest
+import redis.asyncio as aioredis
+from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
+
+from loadtest.fake_driver import FakeDriver
+from registry import open_registry
+from registry.models import Driver
+from router.config import Settings, load_settings
+from router.server import Replica
+from tests.redis_server import RedisServer
+
+Stub = base_pb2_grpc.SparkConnectServiceStub
+
+
+def _settings(redis_url: str, drivers: Sequence[str] = (), **extra: object) -> Settings:
+    return load_settings(listen="127.0.0.1:0", registry=redis_url, drivers=list(drivers), **extra)
+
+
+async def _port_of(stub: Stub, session: str, pool: str | None = None) -> int:
+    req = base_pb2.ConfigRequest(session_id=session)
+    req.operation.get.keys.append("spark.connect.grpc.binding.port")
+    md = (("x-spark-pool", pool),) if pool else ()
+    resp = await stub.Config(req, timeout=20, metadata=md)
+    return int(resp.pairs[0].value)
+
+
+class Cluster:
+    """Replicas and client stubs, started and stopped together."""
+
+    def __init__(self, replicas: list[Replica]) -> None:
+        self.replicas = replicas
+        self.channels: list[grpc.aio.Channel] = []
+        self.stubs: list[Stub] = []
+
+    async def __aenter__(self) -> Cluster:
+        for r in self.replicas:
+            await r.start()
+            ch = grpc.aio.insecure_channel(f"127.0.0.1:{r.port}")
+            self.channels.append(ch)
+            self.stubs.append(Stub(ch))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for ch in self.channels:
+            await ch.close()
+        for r in self.replicas:
+            await r.stop(0)
+
+
+@pytest.fixture
+async def fake_drivers() -> AsyncIterator[list[FakeDriver]]:
+    """Five fake drivers (tests use the first two to four; the fifth joins later)."""
+    ds = [FakeDriver() for _ in range(5)]
+    for d in ds:
+        await d.start()
+    yield ds
+    for d in ds:
+        await d.stop()
+
+
+async def test_1000_sessions_on_random_replicas_agree(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    # Replicas that see different static drivers: their rings disagree, so only the
+    # registry's pins can make them send a session to one driver.
+    addrs = [d.address for d in fake_drivers[:4]]
+    replicas = [Replica(_settings(redis_url, addrs[: 2 + i])) for i in range(3)]
+    rng = random.Random(7)
+    sessions = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(1000)]
+    async with Cluster(replicas) as cluster:
+        sem = asyncio.Semaphore(64)
+
+        async def first(s: str) -> int:
+            async with sem:
+                return await _port_of(rng.choice(cluster.stubs), s)
+
+        owners = dict(zip(sessions, await asyncio.gather(*map(first, sessions)), strict=True))
+
+        async def every_replica(s: str) -> set[int]:
+            async with sem:
+                return {await _port_of(stub, s) for stub in cluster.stubs}
+
+        seen = await asyncio.gather(*map(every_replica, sessions))
+    assert all(ports == {owners[s]} for s, ports in zip(sessions, seen, strict=True))
+    assert len(set(owners.values())) >= 2
+    reached: dict[str, set[str]] = {}  # and the drivers agree: each session reached one
+    for d in fake_drivers:
+        for c in d.calls:
+            reached.setdefault(c.session_id, set()).add(d.address)
+    assert all(len(reached[s]) == 1 for s in sessions)
+
+
+async def test_drivers_from_the_registry_and_a_joining_driver_moves_nobody(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    admin = open_registry(redis_url)
+    try:
+        for d in fake_drivers[:4]:
+            await admin.upsert_driver(Driver(d.address), ttl=30)
+        replicas = [Replica(_settings(redis_url)) for _ in range(2)]
+        async with Cluster(replicas) as cluster:
+            sessions = [str(uuid.uuid4()) for _ in range(200)]
+            before = {s: await _port_of(cluster.stubs[0], s) for s in sessions}
+            assert len(set(before.values())) == 4
+            await admin.upsert_driver(Driver(fake_drivers[4].address), ttl=30)
+            new_port = fake_drivers[4].port
+            for r in replicas:
+                await _wait(lambda r=r: fake_drivers[4].address in _members(r), "the new driver")
+            # Known sessions stay; a fresh replica (empty cache) reads the same pins.
+            assert {s: await _port_of(cluster.stubs[1], s) for s in sessions} == before
+            fresh = Replica(_settings(redis_url))
+            async with Cluster([fresh]) as c2:
+                assert {s: await _port_of(c2.stubs[0], s) for s in sessions} == before
+            # New sessions do use the new driver.
+            later = [await _port_of(cluster.stubs[0], str(uuid.uuid4())) for _ in range(100)]
+            assert new_port in later
+    finally:
+        await admin.close()
+
+
+async def test_10000_new_sessions_spread_evenly_and_by_weight(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    admin = open_registry(redis_url)
+    try:
+        for d in fake_drivers[:4]:
+            await admin.upsert_driver(Driver(d.address), ttl=30)
+        async with Cluster([Replica(_settings(redis_url))]) as cluster:
+            placement = cluster.replicas[0].placement
+            pins = [await placement.place(str(uuid.uuid4()), None) for _ in range(10_000)]
+        counts = Counter(p.driver for p in pins)
+        assert all(abs(c - 2500) / 2500 <= 0.15 for c in counts.values()), counts
+        # The pins are in Redis, not only in the cache.
+        stored = await asyncio.gather(*(admin.get_pin(p.session_id) for p in pins[:200]))
+        assert stored == pins[:200]
+
+        heavy = fake_drivers[0].address
+        await admin.upsert_driver(Driver(heavy, weight=3), ttl=30)
+        async with Cluster([Replica(_settings(redis_url))]) as cluster:
+            placement = cluster.replicas[0].placement
+            weighted = Counter(
+                (await placement.place(str(uuid.uuid4()), None)).driver for _ in range(4000)
+            )
+        assert weighted[heavy] > 2 * max(c for a, c in weighted.items() if a != heavy)
+    finally:
+        await admin.close()
+
+
+async def test_pools_route_by_header_and_explain_unknown_pools(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    admin = open_registry(redis_url)
+    try:
+        await admin.upsert_driver(Driver(fake_drivers[0].address, pool="etl"), ttl=30)
+        await admin.upsert_driver(Driver(fake_drivers[1].address, pool="bi"), ttl=30)
+        async with Cluster([Replica(_settings(redis_url, default_pool="bi"))]) as cluster:
+            stub = cluster.stubs[0]
+            assert await _port_of(stub, str(uuid.uuid4()), pool="etl") == fake_drivers[0].port
+            assert await _port_of(stub, str(uuid.uuid4())) == fake_drivers[1].port
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _port_of(stub, str(uuid.uuid4()), pool="gpu")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "pool 'gpu' has no drivers (pools: bi, etl)" in (err.value.details() or "")
+            from registry.models import DriverState
+
+            await admin.upsert_driver(
+                Driver(fake_drivers[0].address, pool="etl", state=DriverState.DOWN), ttl=30
+            )
+            replica = cluster.replicas[0]
+            await _wait(
+                lambda: not replica.placement.rings.pick("etl", "x"), "etl's driver to be down"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await _port_of(stub, str(uuid.uuid4()), pool="etl")
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "pool 'etl' has no driver that takes new sessions" in (err.value.details() or "")
+    finally:
+        await admin.close()
+
+
+async def test_known_sessions_cost_zero_redis_commands(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    settings = _settings(
+        redis_url,
+        [d.address for d in fake_drivers[:2]],
+        membership_poll_seconds=60,
+        pin_touch_interval_seconds=3600,
+    )
+    client = aioredis.from_url(redis_url)
+    try:
+        async with Cluster([Replica(settings)]) as cluster:
+            stub = cluster.stubs[0]
+            sessions = [str(uuid.uuid4()) for _ in range(20)]
+            for s in sessions:
+                await _port_of(stub, s)  # first calls: these do use Redis
+            before = await _commands(client)
+            for _ in range(25):
+                for s in sessions:
+                    await _port_of(stub, s)
+            after = await _commands(client)
+        assert after - before == 0, f"{after - before} Redis commands for 500 known-session calls"
+    finally:
+        await client.aclose()
+
+
+async def test_redis_outage_keeps_sessions_working(fake_drivers: list[FakeDriver]) -> None:
+    server = RedisServer()
+    server.start()
+    try:
+        settings = _settings(
+            server.url, [d.address for d in fake_drivers[:2]], membership_poll_seconds=0.2
+        )
+        async with Cluster([Replica(settings)]) as cluster:
+            stub, replica = cluster.stubs[0], cluster.replicas[0]
+            known = [str(uuid.uuid4()) for _ in range(30)]
+            owners = {s: await _port_of(stub, s) for s in known}
+            server.stop()
+            # Known sessions: zero failed calls while Redis is down.
+            for s in known:
+                assert await _port_of(stub, s) == owners[s]
+            # New sessions still work, placed by the ring; the replica says it is degraded.
+            during = [str(uuid.uuid4()) for _ in range(20)]
+            placed = {s: await _port_of(stub, s) for s in during}
+            gauge = replica.telemetry.value
+            await _wait(lambda: gauge("spark_router_registry_degraded") == 1, "degraded gauge 1")
+            server.start()
+            await _wait(lambda: gauge("spark_router_registry_degraded") == 0, "degraded gauge 0")
+            admin = open_registry(server.url)
+            try:
+                for s in during:  # written back to Redis once it returned
+                    pin = await admin.get_pin(s)
+                    assert pin is not None and pin.driver.endswith(f":{placed[s]}")
+            finally:
+                await admin.close()
+            for s in known + during:
+                assert await _port_of(stub, s) in (owners | placed).values()
+    finally:
+        server.stop()
+
+
+async def _commands(client: aioredis.Redis) -> int:
+    """Commands Redis has executed, less the INFO calls used to read the number."""
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+def _members(replica: Replica) -> set[str]:
+    return set(replica.placement.rings.drivers)
+
+
+async def _wait(cond: object, what: str, timeout: float = 10.0) -> None:
+    assert callable(cond)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
