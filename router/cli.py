@@ -200,6 +200,12 @@ def up(
     envvar="SPARK_ROUTER_AGENT_TTL",
     help="seconds a heartbeat keeps the driver live [default: 3 intervals].",
 )
+@click.option(
+    "--probe-timeout",
+    type=float,
+    envvar="SPARK_ROUTER_AGENT_PROBE_TIMEOUT",
+    help="seconds a probe may take before the driver counts as failing [default: 2].",
+)
 @_log_option
 def agent(
     driver: str,
@@ -209,6 +215,7 @@ def agent(
     weight: int | None,
     heartbeat_interval: float | None,
     ttl: float | None,
+    probe_timeout: float | None,
     log_level: str | None,
 ) -> None:
     """Run next to a Spark Connect driver: probe it, register it, heartbeat, deregister on exit."""
@@ -223,6 +230,7 @@ def agent(
             weight=weight,
             heartbeat_interval=heartbeat_interval,
             ttl=ttl,
+            probe_timeout=probe_timeout,
         )
     except ValueError as exc:
         _fail(f"invalid agent settings: {exc}", EXIT_CONFIG)

@@ -54,12 +54,18 @@ def replica_urls(spark_drivers: Any, redis_server: Any) -> Iterator[list[str]]:
     assert stop(b[0]) == 0
 
 
-def _sessions_per_driver(addresses: list[str], per_driver: int) -> dict[str, list[str]]:
-    """Session ids the router's ring will put `per_driver` to each driver (deterministic)."""
+def _sessions_per_driver(
+    addresses: list[str], per_driver: int, salt: int = 0
+) -> dict[str, list[str]]:
+    """Session ids the router's ring will put `per_driver` to each driver (deterministic).
+
+    Spark remembers the ids of closed sessions and refuses them: every test needs its own
+    `salt`.
+    """
     rings = Rings.build([Driver(a) for a in addresses])
     chosen: dict[str, list[str]] = {a: [] for a in addresses}
     for i in range(10_000):
-        sid = str(uuid.UUID(int=i * 104729 + 7, version=4))
+        sid = str(uuid.UUID(int=(salt << 64) + i * 104729 + 7, version=4))
         owner = rings.pick("default", sid)
         assert owner is not None
         if len(chosen[owner]) < per_driver:
@@ -79,7 +85,7 @@ def test_six_sessions_keep_their_state_on_their_driver(
         else request.getfixturevalue("replica_urls")
     )
     addresses: list[str] = spark_drivers.addresses
-    plan = _sessions_per_driver(addresses, 3)
+    plan = _sessions_per_driver(addresses, 3, salt=len(urls))
     expected_port = {sid: int(a.rsplit(":", 1)[1]) for a, sids in plan.items() for sid in sids}
     sessions: dict[str, SparkSession] = {}
     try:

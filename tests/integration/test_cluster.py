@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
+import subprocess
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +21,7 @@ from registry import open_registry
 from registry.models import Driver
 from router.config import Settings, load_settings
 from router.server import Replica
+from tests.helpers import spawn, stop
 from tests.redis_server import RedisServer
 
 Stub = base_pb2_grpc.SparkConnectServiceStub
@@ -151,7 +154,7 @@ async def test_10000_new_sessions_spread_evenly_and_by_weight(
         async with Cluster([Replica(_settings(redis_url))]) as cluster:
             placement = cluster.replicas[0].placement
             weighted = Counter(
-                (await placement.place(str(uuid.uuid4()), None)).driver for _ in range(4000)
+                [(await placement.place(str(uuid.uuid4()), None)).driver for _ in range(4000)]
             )
         assert weighted[heavy] > 2 * max(c for a, c in weighted.items() if a != heavy)
     finally:
@@ -269,3 +272,55 @@ async def _wait(cond: object, what: str, timeout: float = 10.0) -> None:
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def _agent(driver: FakeDriver, redis_url: str, *extra: str) -> subprocess.Popen[str]:
+    return spawn(
+        [
+            "-m",
+            "router.cli",
+            "agent",
+            "--driver",
+            driver.address,
+            "--registry",
+            redis_url,
+            "--heartbeat-interval",
+            "0.2",
+            "--ttl",
+            "1.0",
+            "--probe-timeout",
+            "0.5",
+            *extra,
+        ]
+    )
+
+
+async def test_agents_register_drivers_and_sigterm_stops_new_sessions_within_a_ttl(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    leaving, staying = fake_drivers[0], fake_drivers[1]
+    agents = [_agent(leaving, redis_url), _agent(staying, redis_url, "--pool", "default")]
+    try:
+        replica = Replica(_settings(redis_url, membership_poll_seconds=0.2))
+        async with Cluster([replica]) as cluster:
+            both = {leaving.address, staying.address}
+            await _wait(lambda: _live(replica) == both, "both agents to register their drivers")
+            loop = asyncio.get_running_loop()
+            agents[0].send_signal(signal.SIGTERM)
+            sent = loop.time()
+            await _wait(lambda: _live(replica) == {staying.address}, "the driver to leave", 5)
+            assert loop.time() - sent < 1.0  # within one heartbeat TTL
+            assert agents[0].wait(timeout=10) == 0
+            ports = {await _port_of(cluster.stubs[0], str(uuid.uuid4())) for _ in range(100)}
+            assert ports == {staying.port}
+
+            # An agent that dies without deregistering: its driver expires with its TTL.
+            agents[1].send_signal(signal.SIGKILL)
+            await _wait(lambda: not _live(replica), "the heartbeat to expire", 5)
+    finally:
+        for proc in agents:
+            stop(proc)
+
+
+def _live(replica: Replica) -> set[str]:
+    return {a for a, d in replica.placement.rings.drivers.items() if d.takes_new_sessions}

@@ -170,3 +170,13 @@ def test_env_and_config_file_configure_serve(fake_driver_proc: str, tmp_path: ob
         assert got == int(fake_driver_proc.rsplit(":", 1)[1])
     finally:
         assert stop(proc) == 0
+
+
+def test_bad_registry_url_exits_2() -> None:
+    proc = spawn(
+        [*CLI, "serve", "--registry", "mongodb://x", "--driver", "127.0.0.1:1"], capture_stderr=True
+    )
+    _, err = proc.communicate(timeout=30)
+    close_pipes(proc)
+    assert proc.returncode == 2
+    assert "registry: 'mongodb://x' is not a registry URL" in err

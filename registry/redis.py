@@ -1,0 +1,623 @@
+"""Redis registry: pins and driver membership shared by every replica (`redis://`).
+
+Key schema (`P` is the `prefix` option, default "spark-router"; the braces are a Redis
+Cluster hash tag, so every key and the channel hash to one slot and the Lua scripts below
+may touch them together):
+
+    {P}:pin:<session_id>    string  JSON ["<driver address>","<pool>"], PEXPIRE pin_ttl
+    {P}:drivers             zset    member = driver address, score = expiry as unix time in
+                                    seconds (Redis server clock), +inf for a static driver
+    {P}:driver:<address>    hash    pool, weight, state; expires 60 s after its zset entry
+                                    (never, for a static driver)
+    {P}:events              pub/sub channel: JSON {"kind", "driver", "pin", "session_id"}
+
+Race rules:
+- `bind` is one Lua script (GET, else SET PX): create-if-absent that returns the winner in
+  one round trip. Redis 6.2 has no `SET NX GET`. Concurrent binds of a session all return
+  the pin of whichever script ran first.
+- `move` is a Lua compare-and-set: the pin is replaced only if it still names `expected`,
+  and the script publishes PIN_MOVED in the same atomic step, so a replica never hears of a
+  move that did not happen nor misses one that did (while it is subscribed).
+- `release` and `remove_driver` delete and publish in one script; they publish only if
+  something was there. `upsert_driver` writes the hash and the zset score in one script
+  that compares with the previous record: DRIVER_JOINED if the driver was not live,
+  DRIVER_CHANGED if pool, weight or state changed, nothing for a plain heartbeat.
+- Expiry is judged by the Redis server's clock (TIME inside the scripts), never by the
+  replicas' clocks. `drivers()` drops expired members (and their hashes) as it reads;
+  an expired driver produces no event by itself: subscribers also poll `drivers()`.
+- Scripts address driver hashes they build from the prefix (not declared in KEYS); this is
+  safe on Redis Cluster only because the hash tag keeps them all in the slot of KEYS[1].
+
+Connections: `from_url` builds the client with `socket_timeout` and
+`socket_connect_timeout` (default 1 s each) and one retry on a refused or dropped
+connection (never on a timeout). At most `max_in_flight` commands (default 64) run at once
+per instance; further callers queue for up to `queue_timeout` (default 5 s). redis-py 8
+speaks RESP3, so Redis >= 6 is required; Sentinel URLs are resolved through
+`redis.asyncio.sentinel.Sentinel(...).master_for(name)`, which follows failovers.
+
+When Redis is down or hung: every operation raises `RegistryUnavailable` (its message
+names the server, never the password) after at most about `socket_timeout`; a refused
+connection fails at once. Nothing else escapes. A write that timed out may still be
+applied when a hung Redis resumes: its outcome is unknown, so callers re-read the pin
+rather than assume. The first operation after a restart replaces stale pooled
+connections without an error. `events()` does not raise: it logs one warning per outage,
+reconnects with bounded exponential backoff (`events_max_backoff`, default 2 s) and keeps
+yielding; events published during the outage are lost (callers also poll `drivers()`).
+A subscription that stays silent is checked with PING every `events_ping_interval`
+seconds (default 5), so a hung Redis is noticed within two intervals. Pins and drivers
+written before a restart of a Redis without persistence are gone: replicas re-bind from
+their caches and drivers re-register with their next heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from registry.base import RegistryUnavailable
+from registry.memory import DEFAULT_PIN_TTL
+from registry.models import DEFAULT_POOL, Driver, DriverState, Event, EventKind, Pin
+
+__all__ = ["DEFAULT_PREFIX", "SCHEMES", "RedisRegistry"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "spark-router"
+SCHEMES = ("redis", "rediss", "unix", "redis+sentinel")
+DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_MAX_IN_FLIGHT = 64
+# A driver hash outlives its zset entry by this much, so a live member never lacks its hash.
+DRIVER_HASH_GRACE_MS = 60_000
+
+T = TypeVar("T")
+
+_BIND = """
+local current = redis.call('GET', KEYS[1])
+if current then return current end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return ARGV[1]
+"""
+
+# ARGV: expected driver, new pin, ttl ms, channel, PIN_MOVED event
+_MOVE = """
+local current = redis.call('GET', KEYS[1])
+if not current then return false end
+if cjson.decode(current)[1] ~= ARGV[1] then return current end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return ARGV[2]
+"""
+
+# ARGV: channel, PIN_RELEASED event
+_RELEASE = """
+if redis.call('DEL', KEYS[1]) == 1 then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+# KEYS: drivers zset, driver hash. ARGV: address, pool, weight, state,
+# ttl seconds ('' = static), hash ttl ms, channel, DRIVER_JOINED event, DRIVER_CHANGED event
+_UPSERT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local old = redis.call('HMGET', KEYS[2], 'pool', 'weight', 'state')
+local live = false
+if score and old[1] then
+  live = score == 'inf' or score == '+inf' or tonumber(score) > now
+end
+redis.call('HSET', KEYS[2], 'pool', ARGV[2], 'weight', ARGV[3], 'state', ARGV[4])
+if ARGV[5] == '' then
+  redis.call('PERSIST', KEYS[2])
+  redis.call('ZADD', KEYS[1], '+inf', ARGV[1])
+else
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[5])), ARGV[1])
+end
+if not live then
+  redis.call('PUBLISH', ARGV[7], ARGV[8])
+  return 1
+elseif old[1] ~= ARGV[2] or old[2] ~= ARGV[3] or old[3] ~= ARGV[4] then
+  redis.call('PUBLISH', ARGV[7], ARGV[9])
+  return 2
+end
+return 0
+"""
+
+# KEYS: drivers zset. ARGV: driver hash key prefix.
+# Returns a flat list: address, pool, weight, state, address, ...
+_DRIVERS = """
+local t = redis.call('TIME')
+local now = string.format('%.17g', tonumber(t[1]) + tonumber(t[2]) / 1000000)
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)
+if #expired > 0 then
+  for _, address in ipairs(expired) do redis.call('DEL', ARGV[1] .. address) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+end
+local out = {}
+for _, address in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')) do
+  local h = redis.call('HMGET', ARGV[1] .. address, 'pool', 'weight', 'state')
+  if h[1] then
+    out[#out + 1] = address
+    out[#out + 1] = h[1]
+    out[#out + 1] = h[2] or '1'
+    out[#out + 1] = h[3] or 'active'
+  end
+end
+return out
+"""
+
+# KEYS: drivers zset, driver hash. ARGV: address, channel, DRIVER_LEFT kind, default pool
+_REMOVE = """
+local h = redis.call('HMGET', KEYS[2], 'pool', 'weight', 'state')
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+if removed == 1 or h[1] then
+  local driver = {address = ARGV[1], pool = h[1] or ARGV[4],
+                  weight = tonumber(h[2]) or 1, state = h[3] or 'active'}
+  redis.call('PUBLISH', ARGV[2], cjson.encode({kind = ARGV[3], driver = driver}))
+  return 1
+end
+return 0
+"""
+
+
+class RedisRegistry:
+    """Pins and drivers in Redis, shared by every replica that uses the same prefix."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        pin_ttl: float = DEFAULT_PIN_TTL,
+        location: str | None = None,
+        events_ping_interval: float = 5.0,
+        events_max_backoff: float = 2.0,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        queue_timeout: float = 5.0,
+    ) -> None:
+        if not prefix or "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must be non-empty and without braces, got {prefix!r}")
+        if not pin_ttl > 0:
+            raise ValueError(f"pin_ttl must be > 0 seconds, got {pin_ttl!r}")
+        if not events_ping_interval > 0 or not events_max_backoff > 0 or not queue_timeout > 0:
+            raise ValueError("events_ping_interval, events_max_backoff, queue_timeout must be > 0")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight!r}")
+        self._client = client
+        self._tag = "{" + prefix + "}"
+        self._pin_ttl_ms = max(1, round(pin_ttl * 1000))
+        self._location = location or _describe(client)
+        self._ping_interval = events_ping_interval
+        self._max_backoff = events_max_backoff
+        self._drivers_key = f"{self._tag}:drivers"
+        self._driver_prefix = f"{self._tag}:driver:"
+        self._channel = f"{self._tag}:events"
+        self._bind = client.register_script(_BIND)
+        self._move = client.register_script(_MOVE)
+        self._release = client.register_script(_RELEASE)
+        self._upsert = client.register_script(_UPSERT)
+        self._drivers = client.register_script(_DRIVERS)
+        self._remove = client.register_script(_REMOVE)
+        # Bounds concurrent commands (so connections) per instance; extra callers queue.
+        self._max_in_flight = max_in_flight
+        self._queue_timeout = queue_timeout
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._closed = asyncio.Event()
+        self._pubsubs: set[PubSub] = set()
+        # Extra resources from_url() created next to the client (Sentinel connections).
+        self._on_close: list[Callable[[], Awaitable[None]]] = []
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        socket_timeout: float = 1.0,
+        socket_connect_timeout: float = 1.0,
+        retries: int = 1,
+        **options: Any,
+    ) -> RedisRegistry:
+        """A registry on the Redis of a redis://, rediss://, unix:// or redis+sentinel:// URL."""
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in SCHEMES:
+            accepted = ", ".join(f"{s}://" for s in SCHEMES)
+            raise ValueError(f"unsupported Redis URL scheme {scheme!r}: use one of {accepted}")
+        timeouts: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": socket_connect_timeout,
+        }
+        options.setdefault("location", redact(url))
+        # Commands are bounded by max_in_flight; the rest is room for events() subscriptions.
+        max_connections = int(options.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)) + 64
+        if scheme != "redis+sentinel":
+            client = aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                retry=_retry(retries),
+                max_connections=max_connections,
+                **timeouts,
+            )
+            return cls(client, **options)
+        hosts, service, db, username, password = _parse_sentinel_url(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs={**timeouts, "retry": _retry(retries), "decode_responses": True}
+        )
+        client = sentinel.master_for(
+            service,
+            db=db,
+            username=username,
+            password=password,
+            decode_responses=True,
+            retry=_retry(retries),
+            max_connections=max_connections,
+            **timeouts,
+        )
+        registry = cls(client, **options)
+        registry._on_close.append(sentinel.aclose)
+        return registry
+
+    # --- pins ---------------------------------------------------------------------------
+
+    def _pin_key(self, session_id: str) -> str:
+        return f"{self._tag}:pin:{session_id}"
+
+    async def get_pin(self, session_id: str) -> Pin | None:
+        """The pin of a session, or None."""
+        value = await self._call("get_pin", lambda: self._client.get(self._pin_key(session_id)))
+        return None if value is None else _decode_pin(session_id, value)
+
+    async def bind(self, pin: Pin) -> Pin:
+        """Store `pin` unless the session is already pinned; return the pin in force."""
+        value = await self._script(
+            "bind",
+            self._bind,
+            keys=[self._pin_key(pin.session_id)],
+            args=[_encode_pin(pin), self._pin_ttl_ms],
+        )
+        return _decode_pin(pin.session_id, value)
+
+    async def move(self, session_id: str, expected: str, pin: Pin) -> Pin | None:
+        """Replace the pin if it still names driver `expected`; return the pin in force."""
+        event = Event(EventKind.PIN_MOVED, pin=pin, session_id=session_id)
+        value = await self._script(
+            "move",
+            self._move,
+            keys=[self._pin_key(session_id)],
+            args=[expected, _encode_pin(pin), self._pin_ttl_ms, self._channel, _encode(event)],
+        )
+        return None if value is None else _decode_pin(session_id, value)
+
+    async def release(self, session_id: str) -> None:
+        """Forget a session's pin and announce it (if it had one)."""
+        event = Event(EventKind.PIN_RELEASED, session_id=session_id)
+        await self._script(
+            "release",
+            self._release,
+            keys=[self._pin_key(session_id)],
+            args=[self._channel, _encode(event)],
+        )
+
+    async def touch(self, session_ids: Collection[str]) -> None:
+        """Refresh the TTL of the live pins among `session_ids`, in one round trip."""
+        if not session_ids:
+            return
+
+        async def pexpire_all() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.pexpire(self._pin_key(session_id), self._pin_ttl_ms)
+                return await pipe.execute()
+
+        await self._call("touch", pexpire_all)
+
+    # --- drivers ------------------------------------------------------------------------
+
+    async def drivers(self) -> Sequence[Driver]:
+        """Every live driver (expired ones are dropped from Redis on the way)."""
+        flat = await self._script(
+            "drivers", self._drivers, keys=[self._drivers_key], args=[self._driver_prefix]
+        )
+        found: list[Driver] = []
+        for i in range(0, len(flat), 4):
+            address, pool, weight, state = (_text(x) for x in flat[i : i + 4])
+            try:
+                found.append(Driver(address, pool, int(weight), DriverState(state)))
+            except ValueError:
+                log.warning("skipping malformed driver record %r in Redis", address)
+        return found
+
+    async def upsert_driver(self, driver: Driver, ttl: float | None = None) -> None:
+        """Register a driver or refresh its record (a heartbeat when `ttl` is given)."""
+        if ttl is not None and math.isnan(ttl):
+            raise ValueError("ttl must be a number of seconds or None, got nan")
+        if ttl is not None and math.isinf(ttl):
+            ttl = None  # live until removed, as for the memory store
+        if ttl is not None:
+            ttl = max(ttl, 0.0)  # zero or less: registered already expired, as in memory
+        hash_ttl_ms = 0 if ttl is None else math.ceil(ttl * 1000) + DRIVER_HASH_GRACE_MS
+        await self._script(
+            "upsert_driver",
+            self._upsert,
+            keys=[self._drivers_key, self._driver_prefix + driver.address],
+            args=[
+                driver.address,
+                driver.pool,
+                driver.weight,
+                driver.state.value,
+                "" if ttl is None else repr(float(ttl)),
+                hash_ttl_ms,
+                self._channel,
+                _encode(Event(EventKind.DRIVER_JOINED, driver=driver)),
+                _encode(Event(EventKind.DRIVER_CHANGED, driver=driver)),
+            ],
+        )
+
+    async def remove_driver(self, address: str) -> None:
+        """Deregister a driver and announce it (if it was registered)."""
+        await self._script(
+            "remove_driver",
+            self._remove,
+            keys=[self._drivers_key, self._driver_prefix + address],
+            args=[address, self._channel, EventKind.DRIVER_LEFT.value, DEFAULT_POOL],
+        )
+
+    # --- events -------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Changes made by any instance on this Redis, from subscription on, until close()."""
+        closing = asyncio.ensure_future(self._closed.wait())
+        backoff = 0.05
+        outage = False
+        try:
+            while not self._closed.is_set():
+                pubsub = self._client.pubsub()
+                self._pubsubs.add(pubsub)
+                try:
+                    await pubsub.subscribe(self._channel)
+                    if outage:
+                        log.info("Redis at %s: event subscription restored", self._location)
+                        outage = False
+                    backoff = 0.05
+                    async for event in self._listen(pubsub, closing):
+                        yield event
+                    return
+                except (RedisError, OSError) as exc:
+                    if self._closed.is_set():
+                        return
+                    if not outage:
+                        log.warning(
+                            "Redis at %s: event subscription lost (%s: %s); reconnecting, "
+                            "events until then are lost",
+                            self._location,
+                            type(exc).__name__,
+                            exc,
+                        )
+                        outage = True
+                finally:
+                    self._pubsubs.discard(pubsub)
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await asyncio.wait({closing}, timeout=backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+        finally:
+            closing.cancel()
+
+    async def _listen(self, pubsub: PubSub, closing: asyncio.Future[Any]) -> AsyncIterator[Event]:
+        """Events from one subscription; raises RedisError when the connection is lost."""
+        ping_sent = False
+        while True:
+            reading = asyncio.ensure_future(pubsub.get_message(timeout=self._ping_interval))
+            try:
+                await asyncio.wait({reading, closing}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not reading.done():
+                    reading.cancel()
+            if closing.done():
+                with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                    await reading
+                return
+            message = reading.result()
+            if message is None:
+                # Silence for a whole interval: a dead or hung server looks exactly like this.
+                if ping_sent:
+                    raise RedisConnectionError(f"no reply to PING in {self._ping_interval}s")
+                await pubsub.ping()
+                ping_sent = True
+                continue
+            ping_sent = False
+            if message.get("type") != "message":
+                continue  # subscribe confirmation or PONG
+            event = _decode_event(message.get("data"))
+            if event is not None:
+                yield event
+
+    async def close(self) -> None:
+        """Close the connections; open events() iterators end."""
+        self._closed.set()
+        for pubsub in list(self._pubsubs):
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        with contextlib.suppress(RedisError, OSError):
+            await self._client.aclose()
+        for close in self._on_close:
+            with contextlib.suppress(RedisError, OSError):
+                await close()
+        self._on_close.clear()
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    async def _script(
+        self, what: str, script: AsyncScript, keys: list[str], args: list[str | int]
+    ) -> Any:
+        """Run one Lua script (EVALSHA; SCRIPT LOAD first on a server that lacks it)."""
+        return await self._call(what, lambda: script(keys=keys, args=args))
+
+    async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis round trip within the in-flight bound; failures: RegistryUnavailable."""
+        try:
+            if self._slots.locked():
+                await asyncio.wait_for(self._slots.acquire(), self._queue_timeout)
+            else:
+                await self._slots.acquire()  # free slot: no timer, no extra task
+        except asyncio.TimeoutError:
+            raise RegistryUnavailable(
+                f"Redis at {self._location}: {what} waited {self._queue_timeout}s behind "
+                f"{self._max_in_flight} operations in flight (Redis slow or overloaded)"
+            ) from None
+        try:
+            return await op()
+        except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise RegistryUnavailable(
+                f"Redis at {self._location}: {what} failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self._slots.release()
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced by ***, for logs and error messages."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+
+
+def _describe(client: aioredis.Redis) -> str:
+    """How error messages name the server of a client built elsewhere."""
+    kwargs = client.connection_pool.connection_kwargs
+    if "path" in kwargs:
+        return f"unix://{kwargs['path']}"
+    if "host" in kwargs:
+        return f"{kwargs['host']}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
+    return repr(client.connection_pool)
+
+
+def _retry(retries: int) -> Retry:
+    # Retry only refused/dropped connections (stale pooled sockets after a restart), never a
+    # timeout: a hung Redis must fail within one socket_timeout.
+    return Retry(
+        ExponentialBackoff(cap=0.1, base=0.01), retries, supported_errors=(RedisConnectionError,)
+    )
+
+
+def _parse_sentinel_url(
+    url: str,
+) -> tuple[list[tuple[str, int]], str, int, str | None, str | None]:
+    """redis+sentinel://[user:password@]host:port[,host:port...]/mastername[/db]"""
+    parts = urlsplit(url)
+    userinfo, _, hostlist = parts.netloc.rpartition("@")
+    username: str | None = None
+    password: str | None = None
+    if userinfo:
+        user, _, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) or None
+    hosts: list[tuple[str, int]] = []
+    for item in hostlist.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or host.endswith(":") or (host.startswith("[") and not host.endswith("]")):
+            host, port = item.strip(), str(DEFAULT_SENTINEL_PORT)
+        host = host.strip("[]")
+        if not host or not port.isdigit():
+            raise ValueError(f"bad Sentinel address {item!r} in {redact(url)}")
+        hosts.append((host, int(port)))
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError(
+            f"Sentinel URL must name the master: redis+sentinel://host:port/mastername[/db], "
+            f"got {redact(url)}"
+        )
+    if len(path) == 2 and not path[1].isdigit():
+        raise ValueError(f"bad database number {path[1]!r} in {redact(url)}")
+    return hosts, unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username, password
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode_pin(pin: Pin) -> str:
+    return json.dumps([pin.driver, pin.pool], separators=(",", ":"))
+
+
+def _decode_pin(session_id: str, value: str | bytes) -> Pin:
+    driver, pool = json.loads(value)
+    return Pin(session_id, str(driver), str(pool))
+
+
+def _encode(event: Event) -> str:
+    record: dict[str, Any] = {"kind": event.kind.value}
+    if event.driver is not None:
+        d = event.driver
+        record["driver"] = {
+            "address": d.address,
+            "pool": d.pool,
+            "weight": d.weight,
+            "state": d.state.value,
+        }
+    if event.pin is not None:
+        p = event.pin
+        record["pin"] = {"session_id": p.session_id, "driver": p.driver, "pool": p.pool}
+    if event.session_id is not None:
+        record["session_id"] = event.session_id
+    return json.dumps(record, separators=(",", ":"))
+
+
+_DRIVER_EVENTS = {EventKind.DRIVER_JOINED, EventKind.DRIVER_LEFT, EventKind.DRIVER_CHANGED}
+_PIN_EVENTS = {EventKind.PIN_MOVED, EventKind.PIN_RELEASED}
+
+
+def _decode_event(data: Any) -> Event | None:
+    """An Event from a channel message; None (and a warning) for anything malformed."""
+    try:
+        record = json.loads(data)
+        driver = pin = None
+        if record.get("driver"):
+            d = record["driver"]
+            driver = Driver(
+                str(d["address"]),
+                str(d.get("pool", DEFAULT_POOL)),
+                int(d.get("weight", 1)),
+                DriverState(d.get("state", DriverState.ACTIVE.value)),
+            )
+        if record.get("pin"):
+            p = record["pin"]
+            pin = Pin(str(p["session_id"]), str(p["driver"]), str(p.get("pool", DEFAULT_POOL)))
+        session_id = record.get("session_id")
+        kind = EventKind(record["kind"])
+        if kind in _DRIVER_EVENTS and driver is None:
+            raise ValueError("a driver event without its driver")
+        if kind in _PIN_EVENTS and session_id is None:
+            raise ValueError("a pin event without its session")
+        if kind is EventKind.PIN_MOVED and pin is None:
+            raise ValueError("a move event without its pin")
+        return Event(
+            kind,
+            driver=driver,
+            pin=pin,
+            session_id=None if session_id is None else str(session_id),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
+        log.warning("ignoring malformed registry event %.200r", data)
+        return None

@@ -1,0 +1,39 @@
+"""Fixtures shared by every suite: one real Redis server for the session.
+
+`redis_url` gives each test an empty database: FLUSHDB on the URL's database before the
+test (our own server only ever uses db 0, so that is a FLUSHALL in effect; on a server
+named by $REDIS_URL only that database is wiped, so point it at a throwaway one).
+Tests that stop, freeze or restart Redis start their own `RedisServer` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.redis_server import ExternalRedis, RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer | ExternalRedis]:
+    """One Redis for the whole session: $REDIS_URL if set, else a redis-server we start."""
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield ExternalRedis(url)
+        return
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer | ExternalRedis) -> Iterator[str]:
+    """The session Redis's URL, its database emptied before the test."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    yield redis_server.url

@@ -1,0 +1,393 @@
+"""The registry contract (registry/base.py), run against every store.
+
+MemoryRegistry runs on an injected clock: "time passes" by advancing it. RedisRegistry runs
+on a real redis-server with short TTLs: time passes by itself and conditions are polled
+with a deadline. "A second instance sharing the store" is the same object for memory
+(its events reach only its own iterators) and a second RedisRegistry on the same Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from registry.base import Registry
+from registry.memory import MemoryRegistry
+from registry.models import Driver, DriverState, Event, EventKind, Pin
+from registry.redis import RedisRegistry
+
+WAIT = 5.0  # seconds: the most any condition below may take to hold
+
+
+class Harness:
+    """One store under test: opens instances, lets time pass, counts subscribers."""
+
+    kind = ""
+
+    async def open(self, pin_ttl: float = 60.0) -> Registry:
+        """An instance of the store."""
+        raise NotImplementedError
+
+    async def peer(self, registry: Registry) -> Registry:
+        """Another instance sharing `registry`'s store (as another replica would)."""
+        raise NotImplementedError
+
+    async def subscribers(self) -> int:
+        """How many events() iterators are subscribed right now."""
+        raise NotImplementedError
+
+    async def tick(self) -> None:
+        """Let a little store time pass."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Close every instance opened."""
+        raise NotImplementedError
+
+
+class MemoryHarness(Harness):
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        self.registry: MemoryRegistry | None = None
+
+    async def open(self, pin_ttl: float = 60.0) -> Registry:
+        self.registry = MemoryRegistry(pin_ttl=pin_ttl, clock=lambda: self.now)
+        return self.registry
+
+    async def peer(self, registry: Registry) -> Registry:
+        return registry
+
+    async def subscribers(self) -> int:
+        return 0 if self.registry is None else len(self.registry._subscribers)
+
+    async def tick(self) -> None:
+        self.now += 0.1
+        await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        if self.registry is not None:
+            await self.registry.close()
+
+
+class RedisHarness(Harness):
+    kind = "redis"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.opened: list[RedisRegistry] = []
+        self.pin_ttls: dict[int, float] = {}
+        self.admin = aioredis.Redis.from_url(url, decode_responses=True)
+
+    async def open(self, pin_ttl: float = 60.0) -> Registry:
+        registry = RedisRegistry.from_url(self.url, pin_ttl=pin_ttl)
+        self.opened.append(registry)
+        self.pin_ttls[id(registry)] = pin_ttl
+        return registry
+
+    async def peer(self, registry: Registry) -> Registry:
+        return await self.open(self.pin_ttls[id(registry)])  # replicas share one pin_ttl
+
+    async def subscribers(self) -> int:
+        counts = await self.admin.pubsub_numsub("{spark-router}:events")
+        return int(counts[0][1])
+
+    async def tick(self) -> None:
+        await asyncio.sleep(0.02)
+
+    async def aclose(self) -> None:
+        for registry in self.opened:
+            await registry.close()
+        await self.admin.aclose()
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
+    """Each store in turn (redis: on the session's redis-server, emptied first)."""
+    harness: Harness
+    if request.param == "memory":
+        harness = MemoryHarness()
+    else:
+        harness = RedisHarness(request.getfixturevalue("redis_url"))
+    yield harness
+    await harness.aclose()
+
+
+async def eventually(
+    store: Harness, cond: Callable[[], Awaitable[bool]], what: str, within: float = WAIT
+) -> None:
+    """Let store time pass until `cond` holds; fail after `within` wall-clock seconds."""
+    deadline = time.monotonic() + within
+    while not await cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what}")
+        await store.tick()
+
+
+class Listener:
+    """Collects the events of one events() iterator in a task."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run(registry))
+
+    async def _run(self, registry: Registry) -> None:
+        async for event in registry.events():
+            self.queue.put_nowait(event)
+
+    async def next(self, timeout: float = WAIT) -> Event:
+        """The next event, or a failure after `timeout` seconds."""
+        return await asyncio.wait_for(self.queue.get(), timeout)
+
+    async def stop(self) -> None:
+        """Cancel the task (if still running) and wait for it."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+@pytest.fixture
+async def listen(store: Harness) -> AsyncIterator[Callable[[Registry], Awaitable[Listener]]]:
+    """Start listeners that are subscribed by the time they are returned."""
+    listeners: list[Listener] = []
+
+    async def start(registry: Registry) -> Listener:
+        before = await store.subscribers()
+        listener = Listener(registry)
+        listeners.append(listener)
+        deadline = time.monotonic() + WAIT
+        while await store.subscribers() <= before:
+            assert time.monotonic() < deadline, "events() did not subscribe"
+            assert not listener.task.done(), "events() ended before subscribing"
+            await asyncio.sleep(0.01)
+        return listener
+
+    yield start
+    for listener in listeners:
+        await listener.stop()
+
+
+Listen = Callable[[Registry], Awaitable[Listener]]
+MARKER = Driver("marker:1")
+
+
+async def next_is_marker(reg: Registry, listener: Listener) -> None:
+    """Nothing was announced since the last event: the next event is a marker made now."""
+    await reg.upsert_driver(MARKER)
+    assert await listener.next() == Event(EventKind.DRIVER_JOINED, driver=MARKER)
+    await reg.remove_driver(MARKER.address)
+    assert await listener.next() == Event(EventKind.DRIVER_LEFT, driver=MARKER)
+
+
+# --- pins -------------------------------------------------------------------------------
+
+
+async def test_bind_first_wins(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.get_pin("s1") is None
+    first = Pin("s1", "d1:15002", "gold")
+    assert await reg.bind(first) == first
+    assert await other.bind(Pin("s1", "d2:15002")) == first
+    assert await other.get_pin("s1") == first
+    assert await reg.get_pin("s2") is None
+
+
+async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    session = 'sé ssion "1" {x}:pin:\\'
+    first = Pin(session, "[::1]:15002", 'pool "ü"')
+    assert await reg.bind(first) == first
+    assert await other.get_pin(session) == first
+    moved = Pin(session, "driver-2.example:15002", "")
+    assert await reg.move(session, "[::1]:15002", moved) == moved
+    assert await heard.next() == Event(EventKind.PIN_MOVED, pin=moved, session_id=session)
+    odd = Driver("[::1]:15002", pool='pool "ü"', weight=7, state=DriverState.DOWN)
+    await reg.upsert_driver(odd)
+    assert list(await other.drivers()) == [odd]
+    assert await heard.next() == Event(EventKind.DRIVER_JOINED, driver=odd)
+
+
+async def test_concurrent_binds_agree_on_one_winner(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    candidates = [Pin("s1", f"d{i}:15002") for i in range(50)]
+    results = await asyncio.gather(
+        *((reg if i % 2 else other).bind(pin) for i, pin in enumerate(candidates))
+    )
+    assert len(set(results)) == 1
+    assert results[0] in candidates
+    assert await reg.get_pin("s1") == results[0]
+
+
+async def test_move_compare_and_set(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    await reg.bind(Pin("s1", "d1:1"))
+    moved = Pin("s1", "d2:1", "gold")
+    assert await reg.move("s1", "d1:1", moved) == moved
+    assert await other.get_pin("s1") == moved
+    assert await heard.next() == Event(EventKind.PIN_MOVED, pin=moved, session_id="s1")
+
+    # A replica that lost the race (it still expected d1) follows the winner; no event.
+    assert await other.move("s1", "d1:1", Pin("s1", "d3:1")) == moved
+    assert await reg.get_pin("s1") == moved
+    # No pin: nothing to move, nothing created.
+    assert await reg.move("ghost", "d1:1", Pin("ghost", "d2:1")) is None
+    assert await reg.get_pin("ghost") is None
+    await next_is_marker(reg, heard)
+
+
+async def test_release(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    await reg.bind(Pin("s1", "d1:1"))
+    await reg.release("s1")
+    assert await other.get_pin("s1") is None
+    assert await heard.next() == Event(EventKind.PIN_RELEASED, session_id="s1")
+    await reg.release("s1")  # nothing left: nothing announced
+    await next_is_marker(reg, heard)
+    # Released sessions bind afresh.
+    assert await reg.bind(Pin("s1", "d2:1")) == Pin("s1", "d2:1")
+
+
+async def test_pin_expires_after_ttl(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    await reg.bind(Pin("s1", "d1:1"))
+    assert await reg.get_pin("s1") == Pin("s1", "d1:1")
+
+    async def gone() -> bool:
+        return await reg.get_pin("s1") is None
+
+    await eventually(store, gone, "the pin to expire")
+    assert await reg.bind(Pin("s1", "d2:1")) == Pin("s1", "d2:1")
+
+
+async def test_touch_keeps_pins_alive(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    other = await store.peer(reg)
+    await reg.bind(Pin("kept", "d1:1"))
+    await reg.bind(Pin("dropped", "d1:1"))
+    await other.touch([])  # an empty batch is fine
+
+    async def dropped_gone_while_kept_touched() -> bool:
+        await other.touch(["kept", "never-bound"])
+        return await reg.get_pin("dropped") is None
+
+    await eventually(store, dropped_gone_while_kept_touched, "the untouched pin to expire")
+    assert await reg.get_pin("kept") == Pin("kept", "d1:1")
+    assert await reg.get_pin("never-bound") is None  # touch creates nothing
+
+    async def kept_gone() -> bool:
+        return await reg.get_pin("kept") is None
+
+    await eventually(store, kept_gone, "the pin to expire once no longer touched")
+
+
+# --- drivers ----------------------------------------------------------------------------
+
+
+async def test_drivers_expire_without_heartbeat(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    static = Driver("static:1", pool="gold", weight=3)
+    beating = Driver("beating:1", state=DriverState.DRAINING)
+    await reg.upsert_driver(static)
+    await reg.upsert_driver(beating, ttl=1.0)
+    await reg.upsert_driver(Driver("stillborn:1"), ttl=0)  # expired on arrival
+    assert sorted(await other.drivers(), key=lambda d: d.address) == [beating, static]
+
+    async def only_static() -> bool:
+        return list(await other.drivers()) == [static]
+
+    await eventually(store, only_static, "the heartbeat driver to expire")
+
+
+async def test_upsert_events(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    driver = Driver("d1:1")
+    await reg.upsert_driver(driver, ttl=30)
+    assert await heard.next() == Event(EventKind.DRIVER_JOINED, driver=driver)
+    await reg.upsert_driver(driver, ttl=30)  # a plain heartbeat: silent
+    heavier = Driver("d1:1", weight=2)
+    await reg.upsert_driver(heavier, ttl=30)
+    assert await heard.next() == Event(EventKind.DRIVER_CHANGED, driver=heavier)
+    draining = Driver("d1:1", weight=2, state=DriverState.DRAINING)
+    await reg.upsert_driver(draining, ttl=30)
+    assert await heard.next() == Event(EventKind.DRIVER_CHANGED, driver=draining)
+    moved_pool = Driver("d1:1", pool="gold", weight=2, state=DriverState.DRAINING)
+    await reg.upsert_driver(moved_pool, ttl=30)
+    assert await heard.next() == Event(EventKind.DRIVER_CHANGED, driver=moved_pool)
+    await reg.upsert_driver(moved_pool, ttl=30)
+    await reg.upsert_driver(moved_pool)  # made static, same record: silent
+    await next_is_marker(reg, heard)
+    assert list(await other.drivers()) == [moved_pool]
+
+
+async def test_expired_driver_rejoins(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    driver = Driver("d1:1")
+    await reg.upsert_driver(driver, ttl=1.0)
+    assert await heard.next() == Event(EventKind.DRIVER_JOINED, driver=driver)
+
+    async def expired() -> bool:
+        return not await other.drivers()
+
+    await eventually(store, expired, "the driver to expire")
+    await reg.upsert_driver(driver, ttl=1.0)
+    assert await heard.next() == Event(EventKind.DRIVER_JOINED, driver=driver)
+
+
+async def test_remove_driver(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    driver = Driver("d1:1", pool="gold", weight=4, state=DriverState.DRAINING)
+    await reg.upsert_driver(driver, ttl=30)
+    assert await heard.next() == Event(EventKind.DRIVER_JOINED, driver=driver)
+    await reg.remove_driver("d1:1")
+    assert await heard.next() == Event(EventKind.DRIVER_LEFT, driver=driver)
+    assert list(await other.drivers()) == []
+    await reg.remove_driver("d1:1")  # gone already: silent
+    await reg.remove_driver("never:1")
+    await next_is_marker(reg, heard)
+
+
+# --- events -----------------------------------------------------------------------------
+
+
+async def test_every_listener_hears_every_change(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    near, far = await listen(reg), await listen(other)
+    await reg.bind(Pin("s1", "d1:1"))
+    await reg.move("s1", "d1:1", Pin("s1", "d2:1"))
+    await other.release("s1")
+    expected = [
+        Event(EventKind.PIN_MOVED, pin=Pin("s1", "d2:1"), session_id="s1"),
+        Event(EventKind.PIN_RELEASED, session_id="s1"),
+    ]
+    for listener in (near, far):
+        assert [await listener.next() for _ in expected] == expected
+
+
+async def test_close_ends_events(store: Harness, listen: Listen) -> None:
+    reg = await store.open()
+    first, second = await listen(reg), await listen(reg)
+    await reg.close()
+    await asyncio.wait_for(asyncio.gather(first.task, second.task), WAIT)
+    assert first.queue.empty() and second.queue.empty()
