@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
 import signal
@@ -15,6 +17,9 @@ from pathlib import Path
 from typing import IO
 
 import psutil
+
+from registry.base import Registry
+from registry.models import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,3 +157,54 @@ def close_pipes(proc: subprocess.Popen[str]) -> None:
     path = _stderr_files.pop(proc.pid, None)
     if path is not None:
         path.unlink(missing_ok=True)
+
+
+async def eventually(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll `cond` from async code until true; AssertionError naming `what` after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def until_notified(
+    event: asyncio.Event,
+    cond: Callable[[], bool],
+    timeout: float,
+    describe: Callable[[], str] = lambda: "",
+) -> None:
+    """Re-check `cond` each time `event` is set; AssertionError after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        event.clear()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise AssertionError(f"condition still false after {timeout}s{describe()}")
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(event.wait(), remaining)
+
+
+class Listener:
+    """Collects the events of one registry events() iterator in a task."""
+
+    def __init__(self, registry: Registry, wait: float = 5.0) -> None:
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.wait = wait
+        self.task = asyncio.create_task(self._run(registry))
+
+    async def _run(self, registry: Registry) -> None:
+        async for event in registry.events():
+            self.queue.put_nowait(event)
+
+    async def next(self, timeout: float | None = None) -> Event:
+        """The next event, or a failure after `timeout` seconds."""
+        return await asyncio.wait_for(self.queue.get(), timeout or self.wait)
+
+    async def stop(self) -> None:
+        """Cancel the task (if still running) and wait for it."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task

@@ -29,7 +29,7 @@ from registry.agent import (
 from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState
-from tests.helpers import free_port, read_line_matching, spawn, stop
+from tests.helpers import free_port, read_line_matching, spawn, stop, until_notified
 
 WAIT = 10.0
 
@@ -68,17 +68,7 @@ class WatchedRegistry(MemoryRegistry):
 
     async def until(self, cond: Callable[[], bool], timeout: float = WAIT) -> None:
         """Return once `cond()` holds after some write; fail after `timeout` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not cond():
-            self._event.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"still false after {timeout}s; writes: {self.upserts[-5:]}")
-            try:
-                await asyncio.wait_for(self._event.wait(), remaining)
-            except asyncio.TimeoutError:
-                continue
+        await until_notified(self._event, cond, timeout, lambda: f"; writes: {self.upserts[-5:]}")
 
 
 def fast(driver: str, **overrides: object) -> AgentSettings:

@@ -21,7 +21,7 @@ from registry import open_registry
 from registry.models import Driver
 from router.config import Settings, load_settings
 from router.server import Replica
-from tests.helpers import spawn, stop
+from tests.helpers import eventually, spawn, stop
 from tests.redis_server import RedisServer
 
 Stub = base_pb2_grpc.SparkConnectServiceStub
@@ -120,7 +120,9 @@ async def test_drivers_from_the_registry_and_a_joining_driver_moves_nobody(
             await admin.upsert_driver(Driver(fake_drivers[4].address), ttl=30)
             new_port = fake_drivers[4].port
             for r in replicas:
-                await _wait(lambda r=r: fake_drivers[4].address in _members(r), "the new driver")
+                await eventually(
+                    lambda r=r: fake_drivers[4].address in _members(r), "the new driver"
+                )
             # Known sessions stay; a fresh replica (empty cache) reads the same pins.
             assert {s: await _port_of(cluster.stubs[1], s) for s in sessions} == before
             fresh = Replica(_settings(redis_url))
@@ -182,7 +184,7 @@ async def test_pools_route_by_header_and_explain_unknown_pools(
                 Driver(fake_drivers[0].address, pool="etl", state=DriverState.DOWN), ttl=30
             )
             replica = cluster.replicas[0]
-            await _wait(
+            await eventually(
                 lambda: not replica.placement.rings.pick("etl", "x"), "etl's driver to be down"
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -238,9 +240,13 @@ async def test_redis_outage_keeps_sessions_working(fake_drivers: list[FakeDriver
             during = [str(uuid.uuid4()) for _ in range(20)]
             placed = {s: await _port_of(stub, s) for s in during}
             gauge = replica.telemetry.value
-            await _wait(lambda: gauge("spark_router_registry_degraded") == 1, "degraded gauge 1")
+            await eventually(
+                lambda: gauge("spark_router_registry_degraded") == 1, "degraded gauge 1"
+            )
             server.start()
-            await _wait(lambda: gauge("spark_router_registry_degraded") == 0, "degraded gauge 0")
+            await eventually(
+                lambda: gauge("spark_router_registry_degraded") == 0, "degraded gauge 0"
+            )
             admin = open_registry(server.url)
             try:
                 for s in during:  # written back to Redis once it returned
@@ -262,16 +268,6 @@ async def _commands(client: aioredis.Redis) -> int:
 
 def _members(replica: Replica) -> set[str]:
     return set(replica.placement.rings.drivers)
-
-
-async def _wait(cond: object, what: str, timeout: float = 10.0) -> None:
-    assert callable(cond)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def _agent(driver: FakeDriver, redis_url: str, *extra: str) -> subprocess.Popen[str]:
@@ -304,11 +300,13 @@ async def test_agents_register_drivers_and_sigterm_stops_new_sessions_within_a_t
         replica = Replica(_settings(redis_url, membership_poll_seconds=0.2))
         async with Cluster([replica]) as cluster:
             both = {leaving.address, staying.address}
-            await _wait(lambda: _live(replica) == both, "both agents to register their drivers")
+            await eventually(
+                lambda: _live(replica) == both, "both agents to register their drivers"
+            )
             loop = asyncio.get_running_loop()
             agents[0].send_signal(signal.SIGTERM)
             sent = loop.time()
-            await _wait(lambda: _live(replica) == {staying.address}, "the driver to leave", 5)
+            await eventually(lambda: _live(replica) == {staying.address}, "the driver to leave", 5)
             assert loop.time() - sent < 1.0  # within one heartbeat TTL
             assert agents[0].wait(timeout=10) == 0
             ports = {await _port_of(cluster.stubs[0], str(uuid.uuid4())) for _ in range(100)}
@@ -316,7 +314,7 @@ async def test_agents_register_drivers_and_sigterm_stops_new_sessions_within_a_t
 
             # An agent that dies without deregistering: its driver expires with its TTL.
             agents[1].send_signal(signal.SIGKILL)
-            await _wait(lambda: not _live(replica), "the heartbeat to expire", 5)
+            await eventually(lambda: not _live(replica), "the heartbeat to expire", 5)
     finally:
         for proc in agents:
             stop(proc)

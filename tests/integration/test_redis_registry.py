@@ -19,11 +19,11 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
 from registry import open_registry
-from registry.base import Registry, RegistryUnavailable
+from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, Event, EventKind, Pin
 from registry.redis import RedisRegistry, redact
-from tests.helpers import ROOT, free_port
+from tests.helpers import ROOT, Listener, free_port
 from tests.redis_server import RedisServer, SentinelServer
 
 WAIT = 5.0
@@ -42,28 +42,6 @@ async def until(cond: Callable[[], Awaitable[bool]], what: str, within: float = 
 async def numsub(admin: aioredis.Redis, channel: str = "{spark-router}:events") -> int:
     """Subscribers of a channel, as the server counts them."""
     return int((await admin.pubsub_numsub(channel))[0][1])
-
-
-class Listener:
-    """Collects the events of one events() iterator in a task."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.task = asyncio.create_task(self._run(registry))
-
-    async def _run(self, registry: Registry) -> None:
-        async for event in registry.events():
-            self.queue.put_nowait(event)
-
-    async def next(self, timeout: float = WAIT) -> Event:
-        """The next event, or a failure after `timeout` seconds."""
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-    async def stop(self) -> None:
-        """Cancel the task and wait for it."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
 
 
 @pytest.fixture
@@ -104,7 +82,7 @@ async def test_every_key_carries_the_hash_tag(
     prefix: str, admin: aioredis.Redis, registries: Callable[..., RedisRegistry]
 ) -> None:
     reg = registries(prefix=prefix)
-    listener = Listener(reg)
+    listener = Listener(reg, WAIT)
     channel = "{" + prefix + "}:events"
     await until(lambda: _gt0(numsub(admin, channel)), "the subscription")
     await reg.bind(Pin("s1", "d1:1", "gold"))
@@ -339,7 +317,7 @@ async def test_events_notice_a_hung_redis_and_resume(
 ) -> None:
     reg = RedisRegistry.from_url(own_redis.url, events_ping_interval=0.2)
     admin = aioredis.Redis.from_url(own_redis.url, decode_responses=True)
-    listener = Listener(reg)
+    listener = Listener(reg, WAIT)
     try:
         await until(lambda: _gt0(numsub(admin)), "the subscription")
         await reg.upsert_driver(Driver("probe:1"))
@@ -380,7 +358,7 @@ async def test_restarted_redis_is_used_again_and_events_resume(
     admin = aioredis.Redis.from_url(
         own_redis.url, decode_responses=True, retry=Retry(NoBackoff(), 1)
     )
-    listener = Listener(other)
+    listener = Listener(other, WAIT)
     try:
         await until(lambda: _gt0(numsub(admin)), "the subscription")
         # Several pooled connections, all of which the restart will leave stale.
@@ -438,7 +416,7 @@ async def test_events_skip_malformed_messages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     reg = registries()
-    listener = Listener(reg)
+    listener = Listener(reg, WAIT)
     await until(lambda: _gt0(numsub(admin)), "the subscription")
     junk = [
         "not json",
@@ -468,7 +446,7 @@ async def test_events_after_close_end_at_once(registries: Callable[..., RedisReg
 
 async def test_client_without_decoded_responses(redis_url: str, admin: aioredis.Redis) -> None:
     reg = RedisRegistry(aioredis.Redis.from_url(redis_url))  # replies as bytes
-    listener = Listener(reg)
+    listener = Listener(reg, WAIT)
     try:
         await until(lambda: _gt0(numsub(admin)), "the subscription")
         assert await reg.bind(Pin("s1", "d1:1", "gold")) == Pin("s1", "d1:1", "gold")

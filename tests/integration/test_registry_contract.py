@@ -9,7 +9,6 @@ with a deadline. "A second instance sharing the store" is the same object for me
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -20,6 +19,7 @@ from registry.base import Registry
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState, Event, EventKind, Pin
 from registry.redis import RedisRegistry
+from tests.helpers import Listener
 
 WAIT = 5.0  # seconds: the most any condition below may take to hold
 
@@ -130,28 +130,6 @@ async def eventually(
         await store.tick()
 
 
-class Listener:
-    """Collects the events of one events() iterator in a task."""
-
-    def __init__(self, registry: Registry) -> None:
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.task = asyncio.create_task(self._run(registry))
-
-    async def _run(self, registry: Registry) -> None:
-        async for event in registry.events():
-            self.queue.put_nowait(event)
-
-    async def next(self, timeout: float = WAIT) -> Event:
-        """The next event, or a failure after `timeout` seconds."""
-        return await asyncio.wait_for(self.queue.get(), timeout)
-
-    async def stop(self) -> None:
-        """Cancel the task (if still running) and wait for it."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-
 @pytest.fixture
 async def listen(store: Harness) -> AsyncIterator[Callable[[Registry], Awaitable[Listener]]]:
     """Start listeners that are subscribed by the time they are returned."""
@@ -159,7 +137,7 @@ async def listen(store: Harness) -> AsyncIterator[Callable[[Registry], Awaitable
 
     async def start(registry: Registry) -> Listener:
         before = await store.subscribers()
-        listener = Listener(registry)
+        listener = Listener(registry, WAIT)
         listeners.append(listener)
         deadline = time.monotonic() + WAIT
         while await store.subscribers() <= before:

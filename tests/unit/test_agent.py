@@ -22,6 +22,7 @@ from registry.agent import (
 from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState
+from tests.helpers import until_notified
 
 A, D = DriverState.ACTIVE, DriverState.DOWN
 T, F = True, False
@@ -224,17 +225,7 @@ class Notifier:
 
     async def until(self, cond: Callable[[], bool], timeout: float = WAIT) -> None:
         """Return once `cond()` holds; fail after `timeout` s."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not cond():
-            self._event.clear()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise AssertionError(f"condition still false after {timeout}s")
-            try:
-                await asyncio.wait_for(self._event.wait(), remaining)
-            except asyncio.TimeoutError:
-                continue
+        await until_notified(self._event, cond, timeout)
 
 
 class ScriptedProbe:
