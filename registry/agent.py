@@ -37,7 +37,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DEFAULT_POOL, Driver, DriverState
@@ -200,7 +200,17 @@ class HealthState:
         return self.state is not None
 
 
-def apply_probe(state: HealthState, ok: bool, settings: AgentSettings) -> HealthState:
+class Thresholds(Protocol):
+    """How many probes in a row change a driver's state (the agent's and the router's)."""
+
+    @property
+    def fail_threshold(self) -> int: ...
+
+    @property
+    def recover_threshold(self) -> int: ...
+
+
+def apply_probe(state: HealthState, ok: bool, settings: Thresholds) -> HealthState:
     """The health after one more probe result (pure; thresholds, never one-probe flips)."""
     if ok:
         good = state.good + 1

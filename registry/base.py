@@ -14,6 +14,12 @@ Invariants every store keeps:
   instance sharing the store (other replicas), so caches never need polling.
 - Stores raise `RegistryUnavailable` when they cannot reach their backend, nothing else;
   they hold no policy and never choose a driver.
+- A session's journal (router/journal.py; opaque bytes here) keeps its entries in append
+  order, each exactly once however many instances append concurrently. It holds at most
+  `cap` bytes in all: an append that would exceed it is refused and marks the journal
+  overflowed, for good (until dropped or expired): `journal()` then answers None, because
+  a journal with a gap must never be replayed. It expires `pin_ttl` after its last append
+  or `touch`, like the pin, and `journal_drop` forgets it.
 """
 
 from __future__ import annotations
@@ -49,6 +55,18 @@ class Registry(Protocol):
 
     async def touch(self, session_ids: Collection[str]) -> None:
         """Refresh the TTL of the pins of active sessions, in one batch."""
+        ...
+
+    async def journal_append(self, session_id: str, entry: bytes, cap: int) -> bool:
+        """Append an entry within `cap` bytes in all; False if refused (journal overflowed)."""
+        ...
+
+    async def journal(self, session_id: str) -> list[bytes] | None:
+        """The session's entries in order; [] if none; None once the journal overflowed."""
+        ...
+
+    async def journal_drop(self, session_id: str) -> None:
+        """Forget a session's journal (ReleaseSession)."""
         ...
 
     async def drivers(self) -> Sequence[Driver]:

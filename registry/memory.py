@@ -7,7 +7,8 @@ new session by the same deterministic ring, so static drivers still agree; anyth
 dynamic (moves, membership changes) needs the shared Redis registry.
 
 Expiry follows the contract in base.py, measured with an injected clock so tests need no
-sleeps. Events reach the `events()` iterators of this instance only.
+sleeps. Events reach the `events()` iterators of this instance only. A session's journal is a
+list of entries with its byte count; an overflowed journal keeps no entries, only the mark.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass, field
 
 from registry.models import Driver, Event, EventKind, Pin
 
 DEFAULT_PIN_TTL = 2 * 3600.0
 
 _CLOSED = object()
+
+
+@dataclass
+class _Journal:
+    """One session's journal: its entries, their total size, the overflow mark, its expiry."""
+
+    expires: float
+    entries: list[bytes] = field(default_factory=list)
+    size: int = 0
+    overflowed: bool = False
 
 
 class MemoryRegistry:
@@ -35,6 +47,7 @@ class MemoryRegistry:
         self._pins: dict[str, tuple[Pin, float]] = {}
         self._drivers: dict[str, tuple[Driver, float]] = {}
         self._subscribers: list[asyncio.Queue[object]] = []
+        self._journals: dict[str, _Journal] = {}
 
     # --- pins ---------------------------------------------------------------------------
 
@@ -77,6 +90,46 @@ class MemoryRegistry:
             pin = await self.get_pin(session_id)
             if pin is not None:
                 self._pins[session_id] = (pin, expires)
+            journal = self._live_journal(session_id)
+            if journal is not None:
+                journal.expires = expires
+
+    # --- journals -----------------------------------------------------------------------
+
+    def _live_journal(self, session_id: str) -> _Journal | None:
+        journal = self._journals.get(session_id)
+        if journal is not None and journal.expires <= self._clock():
+            del self._journals[session_id]
+            return None
+        return journal
+
+    async def journal_append(self, session_id: str, entry: bytes, cap: int) -> bool:
+        """Append an entry within `cap` bytes in all; False if refused (journal overflowed)."""
+        expires = self._clock() + self._pin_ttl
+        journal = self._live_journal(session_id)
+        if journal is None:
+            journal = self._journals[session_id] = _Journal(expires)
+        journal.expires = expires
+        if journal.overflowed:
+            return False
+        if journal.size + len(entry) > cap:
+            journal.overflowed = True
+            journal.entries = []  # never replayed now: keep only the mark
+            return False
+        journal.entries.append(bytes(entry))
+        journal.size += len(entry)
+        return True
+
+    async def journal(self, session_id: str) -> list[bytes] | None:
+        """The session's entries in order; [] if none; None once the journal overflowed."""
+        journal = self._live_journal(session_id)
+        if journal is None:
+            return []
+        return None if journal.overflowed else list(journal.entries)
+
+    async def journal_drop(self, session_id: str) -> None:
+        """Forget a session's journal."""
+        self._journals.pop(session_id, None)
 
     def pin_count(self) -> int:
         """How many sessions are pinned (for tests and metrics)."""

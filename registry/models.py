@@ -41,6 +41,9 @@ class Pin:
     session_id: str
     driver: str  # Driver.address
     pool: str = DEFAULT_POOL
+    # For a session moved to another driver: the server-side session id its client saw
+    # first, which the router keeps showing it (None: never moved, nothing rewritten).
+    server_side_id: str | None = None
 
 
 class EventKind(str, enum.Enum):

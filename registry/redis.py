@@ -10,6 +10,11 @@ may touch them together):
     {P}:driver:<address>    hash    pool, weight, state; expires 60 s after its zset entry
                                     (never, for a static driver)
     {P}:events              pub/sub channel: JSON {"kind", "driver", "pin", "session_id"}
+    {P}:journal:<session_id>        list    the session's journal entries (raw bytes), in
+                                            append order; PEXPIRE pin_ttl
+    {P}:journal-bytes:<session_id>  string  their total size in bytes, or -1 once the journal
+                                            overflowed (the list is then deleted); PEXPIRE
+                                            pin_ttl
 
 Race rules:
 - `bind` is one Lua script (GET, else SET PX): create-if-absent that returns the winner in
@@ -22,6 +27,12 @@ Race rules:
   something was there. `upsert_driver` writes the hash and the zset score in one script
   that compares with the previous record: DRIVER_JOINED if the driver was not live,
   DRIVER_CHANGED if pool, weight or state changed, nothing for a plain heartbeat.
+- `journal_append` is one Lua script: check the byte counter against the cap, then RPUSH
+  and update the counter (or delete the list and set the counter to -1), refreshing both
+  TTLs, so concurrent appends from any replicas land each exactly once, in one order, and
+  never beyond the cap. `journal` reads counter and list in one script (atomic: never a
+  half-overflowed view), with decoding off since entries are bytes. `touch` refreshes
+  the journal keys in the same pipeline as the pins.
 - Expiry is judged by the Redis server's clock (TIME inside the scripts), never by the
   replicas' clocks. `drivers()` drops expired members (and their hashes) as it reads;
   an expired driver produces no event by itself: subscribers also poll `drivers()`.
@@ -65,9 +76,10 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
+from redis.client import NEVER_DECODE
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from registry.base import RegistryUnavailable
 from registry.memory import DEFAULT_PIN_TTL
@@ -179,6 +191,31 @@ return 0
 """
 
 
+# KEYS: journal list, byte counter. ARGV: entry, cap bytes, ttl ms. Returns 1 if appended.
+_JOURNAL_APPEND = """
+local size = tonumber(redis.call('GET', KEYS[2]) or '0')
+if size < 0 then
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 0
+end
+size = size + string.len(ARGV[1])
+if size > tonumber(ARGV[2]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], '-1', 'PX', ARGV[3])
+  return 0
+end
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], size, 'PX', ARGV[3])
+return 1
+"""
+
+# KEYS: journal list, byte counter. Returns {counter or false, {entries}}.
+_JOURNAL_READ = """
+return {redis.call('GET', KEYS[2]), redis.call('LRANGE', KEYS[1], 0, -1)}
+"""
+
+
 class RedisRegistry:
     """Pins and drivers in Redis, shared by every replica that uses the same prefix."""
 
@@ -217,6 +254,8 @@ class RedisRegistry:
         self._upsert = client.register_script(_UPSERT)
         self._drivers = client.register_script(_DRIVERS)
         self._remove = client.register_script(_REMOVE)
+        self._journal_append = client.register_script(_JOURNAL_APPEND)
+        self._journal_read = client.register_script(_JOURNAL_READ)
         # Bounds concurrent commands (so connections) per instance; extra callers queue.
         self._max_in_flight = max_in_flight
         self._queue_timeout = queue_timeout
@@ -325,9 +364,52 @@ class RedisRegistry:
             async with self._client.pipeline(transaction=False) as pipe:
                 for session_id in session_ids:
                     pipe.pexpire(self._pin_key(session_id), self._pin_ttl_ms)
+                    for key in self._journal_keys(session_id):
+                        pipe.pexpire(key, self._pin_ttl_ms)
                 return await pipe.execute()
 
         await self._call("touch", pexpire_all)
+
+    # --- journals -----------------------------------------------------------------------
+
+    def _journal_keys(self, session_id: str) -> list[str]:
+        return [f"{self._tag}:journal:{session_id}", f"{self._tag}:journal-bytes:{session_id}"]
+
+    async def journal_append(self, session_id: str, entry: bytes, cap: int) -> bool:
+        """Append an entry within `cap` bytes in all; False if refused (journal overflowed)."""
+        keys = self._journal_keys(session_id)
+        args: list[bytes | int] = [bytes(entry), int(cap), self._pin_ttl_ms]
+        appended = await self._call(
+            "journal_append", lambda: self._journal_append(keys=keys, args=args)
+        )
+        return bool(appended)
+
+    async def journal(self, session_id: str) -> list[bytes] | None:
+        """The session's entries in order; [] if none; None once the journal overflowed."""
+        keys = self._journal_keys(session_id)
+        script = self._journal_read
+
+        async def read() -> Any:
+            # The client decodes replies as text; entries are bytes, so this call must not.
+            try:
+                return await self._client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, len(keys), *keys, **{NEVER_DECODE: []}
+                )
+            except NoScriptError:  # a restarted or failed-over server: load it, as Script does
+                script.sha = await self._client.script_load(script.script)
+                return await self._client.execute_command(  # type: ignore[no-untyped-call]
+                    "EVALSHA", script.sha, len(keys), *keys, **{NEVER_DECODE: []}
+                )
+
+        size, entries = await self._call("journal", read)
+        if size is not None and int(size) < 0:
+            return None
+        return [bytes(e) for e in entries]
+
+    async def journal_drop(self, session_id: str) -> None:
+        """Forget a session's journal."""
+        keys = self._journal_keys(session_id)
+        await self._call("journal_drop", lambda: self._client.delete(*keys))
 
     # --- drivers ------------------------------------------------------------------------
 
@@ -558,12 +640,18 @@ def _text(value: str | bytes) -> str:
 
 
 def _encode_pin(pin: Pin) -> str:
-    return json.dumps([pin.driver, pin.pool], separators=(",", ":"))
+    # [driver, pool] or, for a moved session, [driver, pool, server-side id alias]; the
+    # Lua scripts compare element 1 only.
+    fields = [pin.driver, pin.pool]
+    if pin.server_side_id is not None:
+        fields.append(pin.server_side_id)
+    return json.dumps(fields, separators=(",", ":"))
 
 
 def _decode_pin(session_id: str, value: str | bytes) -> Pin:
-    driver, pool = json.loads(value)
-    return Pin(session_id, str(driver), str(pool))
+    fields = json.loads(value)
+    alias = str(fields[2]) if len(fields) > 2 else None
+    return Pin(session_id, str(fields[0]), str(fields[1]), alias)
 
 
 def _encode(event: Event) -> str:
@@ -578,7 +666,12 @@ def _encode(event: Event) -> str:
         }
     if event.pin is not None:
         p = event.pin
-        record["pin"] = {"session_id": p.session_id, "driver": p.driver, "pool": p.pool}
+        record["pin"] = {
+            "session_id": p.session_id,
+            "driver": p.driver,
+            "pool": p.pool,
+            "server_side_id": p.server_side_id,
+        }
     if event.session_id is not None:
         record["session_id"] = event.session_id
     return json.dumps(record, separators=(",", ":"))
@@ -603,7 +696,13 @@ def _decode_event(data: Any) -> Event | None:
             )
         if record.get("pin"):
             p = record["pin"]
-            pin = Pin(str(p["session_id"]), str(p["driver"]), str(p.get("pool", DEFAULT_POOL)))
+            alias = p.get("server_side_id")
+            pin = Pin(
+                str(p["session_id"]),
+                str(p["driver"]),
+                str(p.get("pool", DEFAULT_POOL)),
+                None if alias is None else str(alias),
+            )
         session_id = record.get("session_id")
         kind = EventKind(record["kind"])
         if kind in _DRIVER_EVENTS and driver is None:

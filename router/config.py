@@ -135,6 +135,28 @@ class Settings(BaseSettings):
         100_000, ge=1, description="session pins each replica keeps in memory"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    probe_interval_seconds: float = Field(
+        2.0, gt=0, le=600, description="how often the router probes each driver"
+    )
+    probe_timeout_seconds: float = Field(
+        2.0, gt=0, le=600, description="a probe slower than this fails (a hung driver)"
+    )
+    fail_threshold: int = Field(
+        3, ge=1, le=100, description="failed probes in a row before a driver is down"
+    )
+    recover_threshold: int = Field(
+        2, ge=1, le=100, description="good probes in a row before a down driver is live again"
+    )
+    migration: str = Field(
+        "replay",
+        description="replay: move sessions off a dead driver and replay their state; "
+        "strict: move them but let Spark answer SESSION_CHANGED",
+    )
+    journal_max_bytes: int = Field(
+        1024 * 1024,
+        ge=0,
+        description="per-session cap of replayable state; larger sessions move strictly",
+    )
 
     # --- up (local drivers) ---
     local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
@@ -169,6 +191,13 @@ class Settings(BaseSettings):
         schemes = ("memory://", "redis://", "rediss://", "unix://", "redis+sentinel://")
         if not value.startswith(schemes):
             raise ValueError(f"{value!r} is not a registry URL ({', '.join(schemes)})")
+        return value
+
+    @field_validator("migration")
+    @classmethod
+    def _check_migration(cls, value: str) -> str:
+        if value not in ("replay", "strict"):
+            raise ValueError(f"{value!r} is not replay or strict")
         return value
 
     @field_validator("listen")

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 
 from registry.base import Registry, RegistryUnavailable
-from registry.models import Event, EventKind, Pin
+from registry.models import DriverState, Event, EventKind, Pin
 from router.errors import NoLiveDriver, UnknownPool
 from router.ring import Rings
 from router.telemetry import Telemetry
@@ -85,8 +86,10 @@ class Placement:
         cache_size: int,
         default_pool: str = "default",
         telemetry: Telemetry | None = None,
+        is_down: Callable[[str], bool] = lambda address: False,
     ) -> None:
         self._registry = registry
+        self.is_down = is_down  # this replica's own health view
         self.rings = rings
         self.cache = PinCache(cache_size)
         self.default_pool = default_pool
@@ -124,6 +127,47 @@ class Placement:
         self.telemetry.sessions_placed.labels(pin.pool, source).inc()
         self.cache.put(pin)
         return pin
+
+    def is_live(self, address: str) -> bool:
+        """Whether a pinned session may keep using `address`.
+
+        Pins are the truth: a driver this replica does not know (another replica's static
+        driver, say) is followed, not moved away from. Only health moves a session — the
+        registry or this replica's probes saying the driver is down.
+        """
+        driver = self.rings.drivers.get(address)
+        if driver is not None and driver.state is DriverState.DOWN:
+            return False
+        return not self.is_down(address)
+
+    async def move(
+        self, pin: Pin, observed_id: str | None, keep_identity: bool
+    ) -> tuple[Pin, bool]:
+        """Move a session off its dead driver: (the pin in force, whether this call moved it).
+
+        Compare-and-set on the registry pin: of several replicas moving one session, one
+        wins and the others follow its pin. `keep_identity` records the server-side id the
+        client saw (`observed_id`, or the alias of an earlier move) so the proxy can keep
+        showing it; without it Spark itself answers SESSION_CHANGED.
+        """
+        target = choose(pin.session_id, pin.pool, self.rings)
+        alias = (pin.server_side_id or observed_id) if keep_identity else None
+        new = Pin(pin.session_id, target, pin.pool, alias)
+        try:
+            winner = await self._registry.move(pin.session_id, pin.driver, new)
+        except RegistryUnavailable as exc:
+            # Degraded: move locally by the ring, as for a new session; written back later.
+            self._registry_down(exc)
+            winner = new
+            self._pending[pin.session_id] = new
+        if winner is None:  # the pin expired or was released meanwhile: bind afresh
+            winner = await self._registry.bind(new)
+        self.cache.put(winner)
+        moved_here = winner == new
+        if moved_here:
+            self.telemetry.sessions_moved.labels(pin.pool).inc()
+            log.info("session %s moved from %s to %s", pin.session_id, pin.driver, winner.driver)
+        return winner, moved_here
 
     async def release(self, session_id: str) -> None:
         """Forget a session everywhere (after a successful ReleaseSession)."""

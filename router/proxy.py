@@ -27,12 +27,14 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
+from registry.base import Registry, RegistryUnavailable
 from registry.models import Pin
-from router import errors, protocol
-from router.errors import BadRequest, DriverUnreachable
+from router import errors, journal, protocol, wire
+from router.config import Settings
+from router.errors import BadRequest, DriverUnreachable, NoLiveDriver
 from router.placement import Placement
 from router.protocol import Method, RequestInfo, Shape
-from router.upstreams import Upstreams
+from router.upstreams import Health, Upstreams
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ _DROP_EXACT = frozenset(
         "user-agent",
     }
 )
+
+# Methods whose successful calls may build session state worth replaying.
+_JOURNALED = frozenset({"Config", "ExecutePlan"})
 
 # time_remaining() without a client deadline is effectively infinite.
 _NO_DEADLINE = 1e8
@@ -76,9 +81,19 @@ def _as_dict(metadata: Metadata | None) -> dict[str, str | bytes]:
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     """The generic handler: identifies, places and forwards every Spark Connect call."""
 
-    def __init__(self, placement: Placement, upstreams: Upstreams) -> None:
+    def __init__(
+        self,
+        placement: Placement,
+        upstreams: Upstreams,
+        health: Health,
+        registry: Registry,
+        settings: Settings,
+    ) -> None:
         self._placement = placement
         self._upstreams = upstreams
+        self._health = health
+        self._registry = registry
+        self._settings = settings
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             m.path: self._make_handler(m) for m in protocol.METHODS.values()
         }
@@ -111,28 +126,57 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return grpc.stream_stream_rpc_method_handler(partial(self._stream_stream, method))
 
     # --- the four shapes ------------------------------------------------------------------
+    # Unary-request shapes may be retried once on a new placement when the driver could
+    # not be reached and nothing was sent to the client yet; client-streaming ones cannot
+    # (their requests are consumed as they are forwarded).
 
     async def _unary_unary(
         self, method: Method, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
         info, pin, md, timeout = await self._route(method, request, context)
-        call = self._upstreams.channel(pin.driver).unary_unary(method.path)(
-            request, metadata=md, timeout=timeout
-        )
-        response = await self._relay_unary(context, call, pin)
+        for attempt in (1, 2):
+            call = self._upstreams.channel(pin.driver).unary_unary(method.path)(
+                self._outgoing(method, pin, request), metadata=md, timeout=timeout
+            )
+            try:
+                response: bytes = await call
+                break
+            except grpc.aio.AioRpcError as exc:
+                if attempt == 1 and await self._driver_died(exc, pin):
+                    pin = await self._placed(method, request, info, md, context)
+                    continue
+                await self._relay_error(context, exc, pin)
+        await self._relay_initial(context, call)
+        context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
+        await self._record(method, info, request)
         if method.name == "ReleaseSession":
             await self._placement.release(info.session_id)
-        return response
+        return self._incoming(method, pin, response)
 
     async def _unary_stream(
         self, method: Method, request: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
-        _, pin, md, timeout = await self._route(method, request, context)
-        call = self._upstreams.channel(pin.driver).unary_stream(method.path)(
-            request, metadata=md, timeout=timeout
-        )
-        async for response in self._relay_stream(context, call, pin):
-            yield response
+        info, pin, md, timeout = await self._route(method, request, context)
+        call: Any = None
+        try:
+            for attempt in (1, 2):
+                call = self._upstreams.channel(pin.driver).unary_stream(method.path)(
+                    self._outgoing(method, pin, request), metadata=md, timeout=timeout
+                )
+                try:
+                    first = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    if attempt == 1 and await self._driver_died(exc, pin):
+                        pin = await self._placed(method, request, info, md, context)
+                        continue
+                    await self._relay_error(context, exc, pin)
+                break
+            async for response in self._relay_stream(context, call, pin, first, method):
+                yield response
+        finally:
+            if call is not None and not call.done():
+                call.cancel()  # the client went away before the stream began
+        await self._record(method, info, request)
 
     async def _stream_unary(
         self,
@@ -143,9 +187,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         first = await self._first_request(method, requests, context)
         _, pin, md, timeout = await self._route(method, first, context)
         call = self._upstreams.channel(pin.driver).stream_unary(method.path)(
-            _chain(first, requests), metadata=md, timeout=timeout
+            self._outgoing_stream(method, pin, first, requests), metadata=md, timeout=timeout
         )
-        return await self._relay_unary(context, call, pin)
+        return self._incoming(method, pin, await self._relay_unary(context, call, pin))
 
     async def _stream_stream(
         self,
@@ -156,10 +200,110 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         first = await self._first_request(method, requests, context)
         _, pin, md, timeout = await self._route(method, first, context)
         call = self._upstreams.channel(pin.driver).stream_stream(method.path)(
-            _chain(first, requests), metadata=md, timeout=timeout
+            self._outgoing_stream(method, pin, first, requests), metadata=md, timeout=timeout
         )
-        async for response in self._relay_stream(context, call, pin):
+        async for response in self._relay_stream(context, call, pin, None, method):
             yield response
+
+    # --- moved sessions: identity, journal, replay ------------------------------------------
+
+    def _outgoing(self, method: Method, pin: Pin, request: bytes) -> bytes:
+        """A request as its driver must see it: a moved session's old server id removed."""
+        if pin.server_side_id is None or method.observed_field is None:
+            return request
+        return wire.strip_field(request, method.observed_field)
+
+    async def _outgoing_stream(
+        self, method: Method, pin: Pin, first: bytes, rest: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        yield self._outgoing(method, pin, first)
+        async for request in rest:
+            yield self._outgoing(method, pin, request)
+
+    def _incoming(self, method: Method, pin: Pin, response: bytes) -> bytes:
+        """A response as the client must see it: a moved session keeps its first server id."""
+        if pin.server_side_id is None or not method.response_server_side_field:
+            return response
+        return wire.replace_string(response, method.response_server_side_field, pin.server_side_id)
+
+    async def _record(self, method: Method, info: RequestInfo, request: bytes) -> None:
+        """Journal a successful call that built session state (configs, views, functions)."""
+        if method.name not in _JOURNALED or journal.classify(method.name, request) is None:
+            return
+        entry = journal.JournalEntry(method.name, request).encode()
+        try:
+            kept = await self._registry.journal_append(
+                info.session_id, entry, self._settings.journal_max_bytes
+            )
+        except RegistryUnavailable as exc:
+            self._placement.note_registry_error(exc)
+            return
+        if not kept:
+            self._placement.telemetry.journal_overflows.inc()
+            log.warning(
+                "session %s built more than journal_max_bytes=%d of state: if its driver "
+                "dies it moves strictly (the client gets SESSION_CHANGED)",
+                info.session_id,
+                self._settings.journal_max_bytes,
+            )
+
+    async def _driver_died(self, exc: grpc.aio.AioRpcError, pin: Pin) -> bool:
+        """Whether a failed call means its driver is gone (confirmed by a probe)."""
+        if not errors.is_transport_failure(exc.code(), exc.details()):
+            return False
+        return await self._health.confirm_failure(pin.driver)
+
+    async def _placed(
+        self,
+        method: Method,
+        first: bytes,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        context: grpc.aio.ServicerContext,
+    ) -> Pin:
+        """The session's pin, moving it (and replaying its state) if its driver is dead."""
+        try:
+            pin = await self._placement.place(info.session_id, info.pool)
+            if self._placement.is_live(pin.driver):
+                return pin
+            keep = self._settings.migration == "replay"
+            entries = await self._registry.journal(info.session_id) if keep else []
+            if entries is None:
+                keep = False  # over the cap: strict, Spark says SESSION_CHANGED
+            observed = (
+                wire.read_string(first, method.observed_field) if method.observed_field else None
+            )
+            try:
+                pin, moved_here = await self._placement.move(pin, observed, keep)
+            except NoLiveDriver as exc:
+                raise NoLiveDriver(f"driver {pin.driver} is down and {exc}") from exc
+            if moved_here and keep and entries:
+                await self._replay(pin, entries, md)
+            return pin
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def _replay(
+        self, pin: Pin, entries: list[bytes], md: list[tuple[str, str | bytes]]
+    ) -> None:
+        """Rebuild a moved session's state on its new driver, in the original order."""
+        channel = self._upstreams.channel(pin.driver)
+        for raw in entries:
+            entry = journal.JournalEntry.decode(raw)
+            body = journal.for_replay(entry.method, entry.request)
+            path = protocol.PATH_PREFIX + entry.method
+            try:
+                if entry.method == "ExecutePlan":
+                    async for _ in channel.unary_stream(path)(body, metadata=md, timeout=60):
+                        pass
+                else:
+                    await channel.unary_unary(path)(body, metadata=md, timeout=60)
+            except grpc.aio.AioRpcError as exc:
+                raise DriverUnreachable(
+                    f"session {pin.session_id} moved to driver {pin.driver}, but replaying "
+                    f"its state failed: {exc.code().name}: {exc.details()}"
+                ) from exc
+        log.info("session %s: replayed %d calls on %s", pin.session_id, len(entries), pin.driver)
 
     # --- shared steps -------------------------------------------------------------------
 
@@ -170,12 +314,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         raw_md = context.invocation_metadata()
         try:
             info = protocol.identify(method, _as_dict(raw_md), first)
-            pin = await self._placement.place(info.session_id, info.pool)
         except Exception as exc:
             await _abort(context, exc)
+        md = forwardable(raw_md)
+        pin = await self._placed(method, first, info, md, context)
         remaining = context.time_remaining()
         timeout = None if remaining is None or remaining > _NO_DEADLINE else max(remaining, 0.0)
-        return info, pin, forwardable(raw_md), timeout
+        return info, pin, md, timeout
 
     async def _first_request(
         self, method: Method, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -199,16 +344,20 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return response
 
     async def _relay_stream(
-        self, context: grpc.aio.ServicerContext, call: Any, pin: Pin
+        self,
+        context: grpc.aio.ServicerContext,
+        call: Any,
+        pin: Pin,
+        first: Any,
+        method: Method,
     ) -> AsyncIterator[bytes]:
-        """Relay a response stream one message at a time, then its trailers."""
+        """Relay a response stream one message at a time (`first` already read), then trailers."""
         try:
             await self._relay_initial(context, call)
-            while True:
+            response = first if first is not None else await call.read()
+            while response is not grpc.aio.EOF:
+                yield self._incoming(method, pin, response)
                 response = await call.read()
-                if response is grpc.aio.EOF:
-                    break
-                yield response
             context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
         except grpc.aio.AioRpcError as exc:
             await self._relay_error(context, exc, pin)

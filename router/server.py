@@ -21,18 +21,19 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import grpc
 import grpc.aio
 
 from registry.base import Registry, RegistryUnavailable
-from registry.models import Driver, EventKind
+from registry.models import Driver, DriverState, EventKind
 from router.config import Settings
 from router.placement import Placement
 from router.proxy import Proxy
 from router.ring import Rings
 from router.telemetry import Telemetry
-from router.upstreams import Upstreams, channel_options
+from router.upstreams import Health, Upstreams, channel_options
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ class Replica:
             settings.session_cache_size,
             settings.default_pool,
             self.telemetry,
+            is_down=lambda address: self.health.is_down(address),
         )
+        self.health = Health(settings, self._on_health_change)
         self._membership: tuple[Driver, ...] = ()
         self._dynamic: Sequence[Driver] = ()
         self._tasks: list[asyncio.Task[None]] = []
@@ -97,7 +100,8 @@ class Replica:
         server = grpc.aio.server(
             options=[*channel_options(self.settings), ("grpc.so_reuseport", reuse_port)]
         )
-        server.add_generic_rpc_handlers((Proxy(self.placement, self.upstreams),))
+        proxy = Proxy(self.placement, self.upstreams, self.health, self.registry, self.settings)
+        server.add_generic_rpc_handlers((proxy,))
         try:
             self.port = server.add_insecure_port(self.settings.listen)
         except RuntimeError as exc:
@@ -109,6 +113,7 @@ class Replica:
         self._tasks = [
             asyncio.ensure_future(self._watch_events()),
             asyncio.ensure_future(self._maintain()),
+            asyncio.ensure_future(self.health.run(lambda: self.probe_targets)),
         ]
         log.info(
             "spark-router listening on %s, registry %s, drivers: %s",
@@ -126,6 +131,8 @@ class Replica:
             self.placement.note_registry_error(exc)
         members = {d.address: d for d in self._static}
         members.update((d.address, d) for d in self._dynamic)
+        for address in self.health.down & members.keys():  # this replica's own probes
+            members[address] = replace(members[address], state=DriverState.DOWN)
         membership = tuple(sorted(members.values(), key=lambda d: d.address))
         if membership == self._membership:
             return
@@ -139,6 +146,14 @@ class Replica:
             "membership: %s",
             ", ".join(f"{d.address} ({d.pool}, {d.state.value})" for d in membership) or "none",
         )
+
+    @property
+    def probe_targets(self) -> list[str]:
+        """Drivers this replica probes: every member, down ones too (to see them recover)."""
+        return [d.address for d in self._membership]
+
+    async def _on_health_change(self, address: str, live: bool) -> None:
+        await self.refresh_membership()
 
     async def _watch_events(self) -> None:
         """Follow registry events: membership changes and other replicas' pin changes."""

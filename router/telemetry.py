@@ -32,6 +32,17 @@ class Telemetry:
             ["pool", "source"],
             registry=self.registry,
         )
+        self.sessions_moved = Counter(
+            "spark_router_sessions_moved",
+            "sessions moved off a dead driver by this replica (one per session and move)",
+            ["pool"],
+            registry=self.registry,
+        )
+        self.journal_overflows = Counter(
+            "spark_router_journal_overflows",
+            "sessions whose replayable state exceeded journal_max_bytes (they move strictly)",
+            registry=self.registry,
+        )
         self.live_drivers = Gauge(
             "spark_router_live_drivers",
             "drivers taking new sessions, by pool",

@@ -45,6 +45,9 @@ class Harness:
         """Let a little store time pass."""
         raise NotImplementedError
 
+    async def forget_scripts(self) -> None:
+        """Make the store forget cached server-side scripts (as a restarted Redis does)."""
+
     async def aclose(self) -> None:
         """Close every instance opened."""
         raise NotImplementedError
@@ -100,6 +103,9 @@ class RedisHarness(Harness):
 
     async def tick(self) -> None:
         await asyncio.sleep(0.02)
+
+    async def forget_scripts(self) -> None:
+        await self.admin.script_flush()
 
     async def aclose(self) -> None:
         for registry in self.opened:
@@ -369,3 +375,132 @@ async def test_close_ends_events(store: Harness, listen: Listen) -> None:
     await reg.close()
     await asyncio.wait_for(asyncio.gather(first.task, second.task), WAIT)
     assert first.queue.empty() and second.queue.empty()
+
+
+# --- journals ---------------------------------------------------------------------------
+
+CAP = 1_000_000
+
+
+async def test_journal_keeps_entries_in_order(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.journal("s1") == []
+    entries = [b"first", bytes(range(256)), b"", b"\xff\xfe not utf-8 \x80", b"x" * 300_000]
+    for entry in entries:
+        assert await reg.journal_append("s1", entry, CAP)
+    assert await other.journal("s1") == entries
+    assert await other.journal("s2") == []  # journals are per session
+    assert await reg.journal_append('sé ssion "1" {x}:journal:', b"odd", CAP)
+    assert await other.journal('sé ssion "1" {x}:journal:') == [b"odd"]
+
+
+async def test_journal_cap_marks_it_overflowed_for_good(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.journal_append("s1", b"a" * 6, cap=10)
+    assert await other.journal_append("s1", b"b" * 4, cap=10)  # exactly the cap: fits
+    assert await reg.journal("s1") == [b"a" * 6, b"b" * 4]
+    assert not await other.journal_append("s1", b"c", cap=10)
+    assert await reg.journal("s1") is None
+    # Sticky: even an entry that would fit a larger cap is refused now.
+    assert not await reg.journal_append("s1", b"", cap=CAP)
+    assert await other.journal("s1") is None
+    # An entry larger than the cap on its own overflows an empty journal.
+    assert not await reg.journal_append("s2", b"x" * 11, cap=10)
+    assert await reg.journal("s2") is None
+    assert await reg.journal("s3") == []  # other sessions are untouched
+
+
+async def test_journal_drop(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    await reg.bind(Pin("s1", "d1:1"))
+    await reg.journal_append("s1", b"one", CAP)
+    await reg.journal_append("s2", b"x" * 11, cap=10)  # overflowed
+    await other.journal_drop("s1")
+    await other.journal_drop("s2")
+    assert await reg.journal("s1") == []
+    assert await reg.journal("s2") == []  # the overflow mark goes too
+    assert await reg.get_pin("s1") == Pin("s1", "d1:1")  # the pin is not the journal
+    await reg.journal_drop("s1")  # nothing left: fine
+    await reg.journal_drop("never")
+    assert await reg.journal_append("s2", b"fresh", cap=10)
+    assert await other.journal("s2") == [b"fresh"]
+
+
+async def test_journal_expires_with_the_pin_unless_touched(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    other = await store.peer(reg)
+    for session in ("kept", "dropped"):
+        await reg.bind(Pin(session, "d1:1"))
+        assert await reg.journal_append(session, session.encode(), CAP)
+    assert not await reg.journal_append("overflowed", b"x" * 11, cap=10)
+
+    async def untouched_gone_while_kept_touched() -> bool:
+        await other.touch(["kept"])
+        return (
+            await reg.get_pin("dropped") is None
+            and await reg.journal("dropped") == []
+            and await reg.journal("overflowed") == []
+        )
+
+    await eventually(store, untouched_gone_while_kept_touched, "untouched journals to expire")
+    assert await reg.get_pin("kept") == Pin("kept", "d1:1")
+    assert await reg.journal("kept") == [b"kept"]
+
+    async def kept_gone() -> bool:
+        return await reg.get_pin("kept") is None and await reg.journal("kept") == []
+
+    await eventually(store, kept_gone, "the journal to expire once no longer touched")
+
+
+async def test_concurrent_appends_keep_every_entry_once(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    entries = [f"entry-{i}".encode() for i in range(200)]
+    appended = await asyncio.gather(
+        *((reg if i % 2 else other).journal_append("s1", e, CAP) for i, e in enumerate(entries))
+    )
+    assert all(appended)
+    journal = await reg.journal("s1")
+    assert journal is not None
+    assert sorted(journal) == sorted(entries)
+    assert len(journal) == len(entries)
+
+
+async def test_concurrent_appends_never_pass_the_cap(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    entries = [b"%02d" % i for i in range(40)]  # 2 bytes each: 10 fit in 20
+    appended = await asyncio.gather(
+        *((reg if i % 2 else other).journal_append("s1", e, cap=20) for i, e in enumerate(entries))
+    )
+    assert appended.count(True) == 10
+    assert await other.journal("s1") is None
+
+
+async def test_journal_survives_a_store_that_forgot_its_scripts(store: Harness) -> None:
+    reg = await store.open()
+    assert await reg.journal_append("s1", b"before", CAP)
+    assert await reg.journal("s1") == [b"before"]
+    await store.forget_scripts()
+    assert await reg.journal("s1") == [b"before"]
+    await store.forget_scripts()
+    assert await reg.journal_append("s1", b"after", CAP)
+    assert await reg.journal("s1") == [b"before", b"after"]
+
+
+async def test_a_moved_pin_keeps_its_server_side_alias(
+    store: Harness, listen: Callable[[Registry], Awaitable[Listener]]
+) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    listener = await listen(other)
+    await reg.bind(Pin("s-alias", "d1"))
+    moved = Pin("s-alias", "d2", "default", "server-side-1")
+    assert await reg.move("s-alias", "d1", moved) == moved
+    assert await reg.get_pin("s-alias") == moved
+    assert await other.get_pin("s-alias") == moved
+    event = await listener.next()
+    assert event.pin == moved  # other replicas learn the alias with the move
