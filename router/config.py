@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -135,6 +135,9 @@ class Settings(BaseSettings):
         100_000, ge=1, description="session pins each replica keeps in memory"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    metrics_listen: str | None = Field(
+        None, description="HOST:PORT serving Prometheus /metrics (off when unset; workers=1)"
+    )
     probe_interval_seconds: float = Field(
         2.0, gt=0, le=600, description="how often the router probes each driver"
     )
@@ -192,6 +195,17 @@ class Settings(BaseSettings):
         if not value.startswith(schemes):
             raise ValueError(f"{value!r} is not a registry URL ({', '.join(schemes)})")
         return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _check_metrics_listen(cls, value: str | None) -> str | None:
+        return None if not value else _check_address(value, allow_port_zero=True)
+
+    @model_validator(mode="after")
+    def _metrics_need_one_worker(self) -> Settings:
+        if self.metrics_listen and self.workers > 1:
+            raise ValueError("metrics_listen works with workers=1 only (for now)")
+        return self
 
     @field_validator("migration")
     @classmethod

@@ -22,13 +22,15 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 import grpc
 import grpc.aio
+from prometheus_client import start_http_server
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import Driver, DriverState, EventKind
-from router.config import Settings
+from router.config import Settings, split_host_port
 from router.placement import Placement
 from router.proxy import Proxy
 from router.ring import Rings
@@ -79,6 +81,7 @@ class Replica:
         self._dynamic: Sequence[Driver] = ()
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
+        self._metrics: Any = None  # the Prometheus HTTP server, when metrics_listen is set
         self.port = 0
 
     @property
@@ -110,6 +113,11 @@ class Replica:
             ) from exc
         await server.start()
         self._server = server
+        if self.settings.metrics_listen:
+            host, port = split_host_port(self.settings.metrics_listen)
+            self._metrics, _ = start_http_server(
+                port, host.strip("[]"), registry=self.telemetry.registry
+            )
         self._tasks = [
             asyncio.ensure_future(self._watch_events()),
             asyncio.ensure_future(self._maintain()),
@@ -197,6 +205,9 @@ class Replica:
         self._tasks = []
         with contextlib.suppress(RegistryUnavailable):
             await self.placement.flush()  # hand outage pins and TTLs over before leaving
+        if self._metrics is not None:
+            self._metrics.shutdown()
+            self._metrics = None
         await self.upstreams.close()
         await self.registry.close()
 

@@ -115,12 +115,18 @@ def spawn(
 _stderr_files: dict[int, Path] = {}
 
 
-def stderr_of(proc: subprocess.Popen[str]) -> str:
-    """What a spawned process wrote to stderr so far (for failure messages)."""
+def stderr_text(proc: subprocess.Popen[str]) -> str:
+    """Everything a spawned process wrote to stderr so far."""
     path = _stderr_files.get(proc.pid)
     if path is None or not path.exists():
         return ""
-    return "\nstderr:\n" + path.read_text(errors="replace")[-5000:]
+    return path.read_text(errors="replace")
+
+
+def stderr_of(proc: subprocess.Popen[str]) -> str:
+    """The end of a spawned process's stderr, for failure messages."""
+    text = stderr_text(proc)
+    return "\nstderr:\n" + text[-5000:] if text else ""
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float = 20) -> int:

@@ -1,57 +1,113 @@
-"""A driver dies, the session lives on: real drivers, the real pyspark client, the router."""
+"""A driver dies, the session lives on: real drivers, the real pyspark client, the router.
+
+The two drivers are this module's own (tests kill them); each test revives what it killed.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
+import urllib.request
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
+import grpc
 import pytest
 from pyspark.sql import SparkSession
+from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
-from router.local import LocalDrivers
-from tests.helpers import free_port, spawn, stderr_of, stop, wait_until
+from registry.models import Driver
+from router.local import LocalDriver, LocalDrivers
+from router.ring import Rings
+from tests.helpers import free_port, spawn, stderr_of, stderr_text, stop, wait_until
 
 PORT_CONF = "spark.connect.grpc.binding.port"
 
+pytestmark = pytest.mark.own_drivers
 
-@pytest.fixture
-def victims(tmp_path: Path) -> Iterator[LocalDrivers]:
-    """Two drivers of this test's own: one of them will be killed."""
-    drivers = LocalDrivers(2, work_dir=tmp_path / "drivers", startup_timeout=240)
+
+@pytest.fixture(scope="module")
+def victims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalDrivers]:
+    """Two drivers of this module's own."""
+    drivers = LocalDrivers(2, work_dir=tmp_path_factory.mktemp("victims"), startup_timeout=240)
     with drivers:
         drivers.start(progress=False)
         yield drivers
 
 
-def _router(drivers: LocalDrivers, **env: str) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}"]
-    for address in drivers.addresses:
-        args += ["--driver", address]
-    settings = {
-        "SPARK_ROUTER_PROBE_INTERVAL_SECONDS": "0.5",
-        "SPARK_ROUTER_PROBE_TIMEOUT_SECONDS": "1",
-        **env,
-    }
-    proc = spawn(args, env=settings)
-    import socket
+@pytest.fixture
+def drivers(victims: LocalDrivers) -> Iterator[LocalDrivers]:
+    """The module's drivers, every one running again after the test."""
+    yield victims
+    for d in victims.drivers:
+        if d.process is not None and d.process.poll() is None:
+            os.kill(d.process.pid, signal.SIGCONT)  # a test may have hung it
+            continue
+        d.start()
+        d.wait_ready(180)
 
-    def up() -> bool:
+
+class Router:
+    """`spark-router serve` in front of the drivers, with fast probes."""
+
+    def __init__(self, drivers: LocalDrivers, **env: str) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{self.port}"]
+        for address in drivers.addresses:
+            args += ["--driver", address]
+        settings = {
+            "SPARK_ROUTER_PROBE_INTERVAL_SECONDS": "0.5",
+            "SPARK_ROUTER_PROBE_TIMEOUT_SECONDS": "1",
+            "SPARK_ROUTER_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            **env,
+        }
+        self.proc: subprocess.Popen[str] = spawn(args, env=settings)
+        wait_until(self._listening, 30, "the router to listen")
+        assert self.proc.poll() is None, stderr_of(self.proc)
+        self.url = f"sc://127.0.0.1:{self.port}"
+
+    def _listening(self) -> bool:
         with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
+            return s.connect_ex(("127.0.0.1", self.port)) == 0 or self.proc.poll() is not None
 
-    wait_until(up, 30, "the router to listen")
-    assert proc.poll() is None, stderr_of(proc)
-    return proc, f"sc://127.0.0.1:{port}"
+    def log(self) -> str:
+        """What the router logged so far."""
+        return stderr_text(self.proc)
+
+    def metric(self, name: str) -> float:
+        """One sample from the router's /metrics (0 when absent)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name) and not line.startswith("#"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def stop(self) -> None:
+        assert stop(self.proc) == 0
 
 
-@pytest.mark.own_drivers
-def test_sigkill_of_the_driver_keeps_the_session(victims: LocalDrivers) -> None:
-    router, url = _router(victims)
-    spark = SparkSession.builder.remote(url).create()
+def _victim_of(drivers: LocalDrivers, spark: SparkSession) -> LocalDriver:
+    port = int(spark.conf.get(PORT_CONF))
+    return next(d for d in drivers.drivers if d.port == port)
+
+
+def _kill(driver: LocalDriver) -> None:
+    assert driver.process is not None
+    os.kill(driver.process.pid, signal.SIGKILL)
+    driver.process.wait(timeout=30)
+
+
+def test_sigkill_of_the_driver_keeps_the_session(drivers: LocalDrivers) -> None:
+    router = Router(drivers)
+    spark = SparkSession.builder.remote(router.url).create()
     try:
         spark.conf.set("spark.sql.shuffle.partitions", "7")
         spark.conf.set("spark.sql.session.timeZone", "Asia/Tokyo")
@@ -60,18 +116,99 @@ def test_sigkill_of_the_driver_keeps_the_session(victims: LocalDrivers) -> None:
         spark.udf.register("plus_one", lambda x: x + 1, "long")
         query = "SELECT (SELECT sum(v) FROM sql_view) AS a, sum(plus_one(w)) AS b FROM df_view"
         before = spark.sql(query).collect()
-        first_port = int(spark.conf.get(PORT_CONF))
-
-        victim = next(d for d in victims.drivers if d.port == first_port)
-        assert victim.process is not None
-        os.kill(victim.process.pid, signal.SIGKILL)
-        victim.process.wait(timeout=30)
+        victim = _victim_of(drivers, spark)
+        _kill(victim)
 
         # The same SparkSession object carries on, on the other driver, with its state.
         assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
         assert spark.conf.get("spark.sql.session.timeZone") == "Asia/Tokyo"
         assert spark.sql(query).collect() == before
-        assert int(spark.conf.get(PORT_CONF)) != first_port
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
     finally:
         spark.stop()
-        assert stop(router) == 0
+        router.stop()
+
+
+def test_a_hung_driver_is_detected_and_the_session_moves(drivers: LocalDrivers) -> None:
+    router = Router(drivers)  # probe budget: 3 failures x (0.5 s interval + 1 s timeout)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "9")
+        spark.range(3).createOrReplaceTempView("hung_view")
+        victim = _victim_of(drivers, spark)
+        assert victim.process is not None
+        os.kill(victim.process.pid, signal.SIGSTOP)
+        down = f"driver {victim.address} is down"
+        wait_until(lambda: down in router.log(), 10, "the router to see the hung driver down")
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "9"
+        assert spark.sql("SELECT count(*) AS n FROM hung_view").collect()[0]["n"] == 3
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        router.stop()
+
+
+def test_twenty_sessions_of_a_dead_driver_each_move_once(drivers: LocalDrivers) -> None:
+    router = Router(drivers)
+    rings = Rings.build([Driver(a) for a in drivers.addresses])
+    victim = drivers.drivers[0]
+    ids = [
+        sid
+        for sid in (str(uuid.UUID(int=(77 << 64) + i, version=4)) for i in range(2000))
+        if rings.pick("default", sid) == victim.address
+    ][:20]
+    sessions = [SparkSession.builder.remote(f"{router.url}/;session_id={s}").create() for s in ids]
+    try:
+        for i, spark in enumerate(sessions):
+            spark.range(i + 1).createOrReplaceTempView("mine")
+            assert int(spark.conf.get(PORT_CONF)) == victim.port
+        _kill(victim)
+        for i, spark in enumerate(sessions):
+            assert spark.sql("SELECT count(*) AS n FROM mine").collect()[0]["n"] == i + 1
+            assert int(spark.conf.get(PORT_CONF)) != victim.port
+        assert router.metric("spark_router_sessions_moved_total") == 20
+        for sid in ids:  # each session moved exactly once
+            assert len(re.findall(f"session {sid} moved from", router.log())) == 1
+    finally:
+        for spark in sessions:
+            spark.stop()
+        router.stop()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [{"SPARK_ROUTER_MIGRATION": "strict"}, {"SPARK_ROUTER_JOURNAL_MAX_BYTES": "10"}],
+    ids=["strict", "journal over the cap"],
+)
+def test_strict_sessions_get_session_changed_never_an_empty_session(
+    drivers: LocalDrivers, env: dict[str, str]
+) -> None:
+    router = Router(drivers, **env)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "5")
+        if "SPARK_ROUTER_JOURNAL_MAX_BYTES" in env:
+            wait_until(lambda: "more than journal_max_bytes" in router.log(), 10, "the log")
+            assert router.metric("spark_router_journal_overflows_total") == 1
+        _kill(_victim_of(drivers, spark))
+        # What Spark answers a continuing session on the new driver, seen on the wire.
+        req = base_pb2.ConfigRequest(
+            session_id=spark.client._session_id,
+            client_observed_server_side_session_id=spark.client._server_session_id,
+        )
+        req.user_context.user_id = spark.client._user_id or ""
+        req.operation.get.keys.append("spark.sql.shuffle.partitions")
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{router.port}") as ch,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            base_pb2_grpc.SparkConnectServiceStub(ch).Config(req, timeout=60)
+        assert "SESSION_CHANGED" in (err.value.details() or "")
+        # pyspark marks the session closed on SESSION_CHANGED: an error, never an empty session.
+        with pytest.raises(Exception, match=r"SESSION_CHANGED|NO_ACTIVE_SESSION"):
+            spark.conf.get("spark.sql.shuffle.partitions")
+        assert spark.client.is_closed
+    finally:
+        with contextlib.suppress(Exception):  # the session is gone by design
+            spark.stop()
+        router.stop()
