@@ -178,6 +178,7 @@ class Placement:
             return
         try:
             await self._registry.release(session_id)
+            await self._registry.journal_drop(session_id)
         except RegistryUnavailable as exc:
             # The pin expires by its TTL; nothing else depends on it.
             self._registry_down(exc)

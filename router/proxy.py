@@ -56,6 +56,9 @@ _DROP_EXACT = frozenset(
     }
 )
 
+# Calls that only clean up: for a dead driver the router answers them itself (below).
+_NOTHING_TO_MOVE = frozenset({"ReleaseExecute", "ReleaseSession"})
+
 # Methods whose successful calls may build session state worth replaying.
 _JOURNALED = frozenset({"Config", "ExecutePlan"})
 
@@ -135,6 +138,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> bytes:
         info, pin, md, timeout = await self._route(method, request, context)
         for attempt in (1, 2):
+            if method.name in _NOTHING_TO_MOVE and not self._placement.is_live(pin.driver):
+                return await self._answer_for_dead_driver(method, info, request)
             call = self._upstreams.channel(pin.driver).unary_unary(method.path)(
                 self._outgoing(method, pin, request), metadata=md, timeout=timeout
             )
@@ -264,7 +269,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         """The session's pin, moving it (and replaying its state) if its driver is dead."""
         try:
             pin = await self._placement.place(info.session_id, info.pool)
-            if self._placement.is_live(pin.driver):
+            if self._placement.is_live(pin.driver) or method.name in _NOTHING_TO_MOVE:
                 return pin
             keep = self._settings.migration == "replay"
             entries = await self._registry.journal(info.session_id) if keep else []
@@ -282,6 +287,27 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return pin
         except Exception as exc:
             await _abort(context, exc)
+
+    async def _answer_for_dead_driver(
+        self, method: Method, info: RequestInfo, request: bytes
+    ) -> bytes:
+        """Answer a call that only cleans up, for a session whose driver is dead.
+
+        pyspark sends ReleaseExecute without the server-side id it saw, so such a call must
+        not move the session (the move would lose the id the client checks); and there is
+        nothing to release: the operation died with its driver. The answer carries no
+        server-side id, which pyspark accepts.
+        """
+        from pyspark.sql.connect.proto import base_pb2
+
+        if method.name == "ReleaseSession":
+            await self._placement.release(info.session_id)
+            return bytes(
+                base_pb2.ReleaseSessionResponse(session_id=info.session_id).SerializeToString()
+            )
+        operation = wire.read_string(request, method.operation_id_field or 0) or ""
+        answer = base_pb2.ReleaseExecuteResponse(session_id=info.session_id, operation_id=operation)
+        return bytes(answer.SerializeToString())
 
     async def _replay(
         self, pin: Pin, entries: list[bytes], md: list[tuple[str, str | bytes]]

@@ -164,8 +164,11 @@ def test_twenty_sessions_of_a_dead_driver_each_move_once(drivers: LocalDrivers) 
             assert int(spark.conf.get(PORT_CONF)) == victim.port
         _kill(victim)
         for i, spark in enumerate(sessions):
-            assert spark.sql("SELECT count(*) AS n FROM mine").collect()[0]["n"] == i + 1
-            assert int(spark.conf.get(PORT_CONF)) != victim.port
+            try:
+                assert spark.sql("SELECT count(*) AS n FROM mine").collect()[0]["n"] == i + 1
+                assert int(spark.conf.get(PORT_CONF)) != victim.port
+            except Exception as exc:
+                raise AssertionError(f"session {ids[i]}: {exc}\n{router.log()[-6000:]}") from exc
         assert router.metric("spark_router_sessions_moved_total") == 20
         for sid in ids:  # each session moved exactly once
             assert len(re.findall(f"session {sid} moved from", router.log())) == 1

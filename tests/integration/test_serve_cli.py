@@ -70,9 +70,9 @@ def test_slow_reader_does_not_grow_router_memory(fake_driver_proc: str) -> None:
             req = base_pb2.ExecutePlanRequest(
                 session_id=str(uuid.uuid4()), plan=base_pb2.Plan(root=relations_pb2.Relation())
             )
-            # 400 MiB offered by a driver that produces as fast as it is allowed to.
+            # 800 MiB offered by a driver that produces as fast as it is allowed to.
             stream = stub.ExecutePlan(
-                req, metadata=(("x-fake-batches", "100"), ("x-fake-batch-bytes", str(4 * MiB)))
+                req, metadata=(("x-fake-batches", "800"), ("x-fake-batch-bytes", str(MiB)))
             )
             received = 0
             peak = 0
@@ -80,17 +80,18 @@ def test_slow_reader_does_not_grow_router_memory(fake_driver_proc: str) -> None:
             for response in stream:
                 received += len(response.arrow_batch.data)
                 peak = max(peak, rss().rss)
-                if received <= 8 * 4 * MiB:
-                    # A slow reader: the first 8 messages take ~2 s, long enough for a
+                if received <= 32 * MiB:
+                    # A slow reader: the first 32 messages take ~2 s, long enough for a
                     # buffering proxy to pull the whole result from the driver.
-                    deadline = time.monotonic() + 0.25
+                    deadline = time.monotonic() + 0.0625
                     while time.monotonic() < deadline:
                         peak = max(peak, rss().rss)
                         time.sleep(0.02)
-            assert received == 400 * MiB
+            assert received == 800 * MiB
             assert time.monotonic() - start < 120
         growth = (peak - baseline) / MiB
-        # Flow-control windows plus a few 4 MiB messages; buffering would be ~400 MiB.
+        # Flow-control windows plus a few 1 MiB messages (18-21 MiB measured); buffering
+        # would be ~800 MiB.
         assert growth < 64, f"router RSS grew by {growth:.0f} MiB while the client was slow"
     finally:
         assert stop(router) == 0

@@ -1,0 +1,94 @@
+"""Moving sessions off dead drivers, with fake drivers: identity, cleanup calls, journal."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+import pytest
+from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
+
+from loadtest.fake_driver import FakeDriver
+from router.config import load_settings
+from router.server import Replica
+
+Stub = base_pb2_grpc.SparkConnectServiceStub
+PORT_KEY = "spark.connect.grpc.binding.port"
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[tuple[list[FakeDriver], Replica, Stub]]:
+    """Two fake drivers that check the observed server-side id, like Spark, and a replica."""
+    drivers = [FakeDriver(check_observed_session_id=True) for _ in range(2)]
+    for d in drivers:
+        await d.start()
+    replica = Replica(load_settings(listen="127.0.0.1:0", drivers=[d.address for d in drivers]))
+    await replica.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}")
+    yield drivers, replica, Stub(channel)
+    await channel.close()
+    await replica.stop(0)
+    for d in drivers:
+        await d.stop()
+
+
+def _config(session: str, observed: str | None, *keys: str) -> base_pb2.ConfigRequest:
+    req = base_pb2.ConfigRequest(session_id=session)
+    if observed is not None:
+        req.client_observed_server_side_session_id = observed
+    req.operation.get.keys.extend(keys or (PORT_KEY,))
+    return req
+
+
+async def test_cleanup_call_without_identity_does_not_move_and_identity_is_kept(
+    setup: tuple[list[FakeDriver], Replica, Stub],
+) -> None:
+    drivers, replica, stub = setup
+    s = str(uuid.uuid4())
+    set_conf = base_pb2.ConfigRequest(session_id=s)
+    set_conf.operation.set.pairs.add(key="spark.sql.shuffle.partitions", value="7")
+    first = await stub.Config(set_conf)
+    original = first.server_side_session_id
+    port = int((await stub.Config(_config(s, original))).pairs[0].value)
+    home = next(d for d in drivers if d.port == port)
+    other = next(d for d in drivers if d is not home)
+    await home.stop()
+
+    # pyspark's background ReleaseExecute carries no observed id: answered, not moved.
+    released = await stub.ReleaseExecute(
+        base_pb2.ReleaseExecuteRequest(
+            session_id=s,
+            operation_id="op-1",
+            release_all=base_pb2.ReleaseExecuteRequest.ReleaseAll(),
+        ),
+        timeout=10,
+    )
+    assert released.operation_id == "op-1" and released.server_side_session_id == ""
+    pin = await replica.registry.get_pin(s)
+    assert pin is not None and pin.driver == home.address
+
+    # The next real call moves it, replays its conf and keeps the id the client knows.
+    got = await stub.Config(
+        _config(s, original, PORT_KEY, "spark.sql.shuffle.partitions"), timeout=10
+    )
+    assert got.server_side_session_id == original
+    assert [p.value for p in got.pairs] == [str(other.port), "7"]
+    assert replica.telemetry.value("spark_router_sessions_moved_total", pool="default") == 1
+
+
+async def test_no_driver_left_names_the_dead_one(
+    setup: tuple[list[FakeDriver], Replica, Stub],
+) -> None:
+    drivers, _, stub = setup
+    s = str(uuid.uuid4())
+    await stub.Config(_config(s, None))
+    for d in drivers:
+        await d.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Config(_config(s, None), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details() or ""
+    # Either both are known down already, or the retry found the second one dead too.
+    assert any(f"driver {d.address}" in details for d in drivers), details
