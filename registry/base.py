@@ -81,6 +81,18 @@ class Registry(Protocol):
         """Deregister a driver and announce it."""
         ...
 
+    async def set_draining(self, address: str, draining: bool) -> None:
+        """Mark a driver draining (no new sessions) or take the mark off, and announce it.
+
+        The mark is kept apart from the driver's record, which its agent rewrites with every
+        heartbeat, and applies to static drivers too.
+        """
+        ...
+
+    async def draining(self) -> frozenset[str]:
+        """Addresses of the drivers marked draining."""
+        ...
+
     def events(self) -> AsyncIterator[Event]:
         """Changes made by any instance sharing this store, from now on (until close)."""
         ...

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from registry.models import Driver, Event, EventKind, Pin
+from registry.models import Driver, Event, EventKind, Pin, drain_marker
 
 DEFAULT_PIN_TTL = 2 * 3600.0
 
@@ -47,6 +47,7 @@ class MemoryRegistry:
         self._pins: dict[str, tuple[Pin, float]] = {}
         self._drivers: dict[str, tuple[Driver, float]] = {}
         self._subscribers: list[asyncio.Queue[object]] = []
+        self._draining: set[str] = set()
         self._journals: dict[str, _Journal] = {}
 
     # --- pins ---------------------------------------------------------------------------
@@ -157,6 +158,18 @@ class MemoryRegistry:
         entry = self._drivers.pop(address, None)
         if entry is not None:
             self._publish(Event(EventKind.DRIVER_LEFT, driver=entry[0]))
+
+    async def set_draining(self, address: str, draining: bool) -> None:
+        """Mark a driver draining, or take the mark off."""
+        if draining:
+            self._draining.add(address)
+        else:
+            self._draining.discard(address)
+        self._publish(Event(EventKind.DRIVER_CHANGED, driver=drain_marker(address, draining)))
+
+    async def draining(self) -> frozenset[str]:
+        """Addresses of the drivers marked draining."""
+        return frozenset(self._draining)
 
     # --- events -------------------------------------------------------------------------
 

@@ -34,6 +34,11 @@ class Driver:
         return self.state is DriverState.ACTIVE
 
 
+def drain_marker(address: str, draining: bool) -> Driver:
+    """The driver as a drain event shows it (replicas re-read membership on any change)."""
+    return Driver(address, state=DriverState.DRAINING if draining else DriverState.ACTIVE)
+
+
 @dataclass(frozen=True)
 class Pin:
     """The record session -> driver."""

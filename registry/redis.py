@@ -9,6 +9,7 @@ may touch them together):
                                     seconds (Redis server clock), +inf for a static driver
     {P}:driver:<address>    hash    pool, weight, state; expires 60 s after its zset entry
                                     (never, for a static driver)
+    {P}:draining            set of addresses an operator marked draining (spark-router drain)
     {P}:events              pub/sub channel: JSON {"kind", "driver", "pin", "session_id"}
     {P}:journal:<session_id>        list    the session's journal entries (raw bytes), in
                                             append order; PEXPIRE pin_ttl
@@ -83,7 +84,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from registry.base import RegistryUnavailable
 from registry.memory import DEFAULT_PIN_TTL
-from registry.models import DEFAULT_POOL, Driver, DriverState, Event, EventKind, Pin
+from registry.models import DEFAULT_POOL, Driver, DriverState, Event, EventKind, Pin, drain_marker
 
 __all__ = ["DEFAULT_PREFIX", "SCHEMES", "RedisRegistry"]
 
@@ -248,6 +249,7 @@ class RedisRegistry:
         self._drivers_key = f"{self._tag}:drivers"
         self._driver_prefix = f"{self._tag}:driver:"
         self._channel = f"{self._tag}:events"
+        self._draining_key = f"{self._tag}:draining"
         self._bind = client.register_script(_BIND)
         self._move = client.register_script(_MOVE)
         self._release = client.register_script(_RELEASE)
@@ -412,6 +414,26 @@ class RedisRegistry:
         await self._call("journal_drop", lambda: self._client.delete(*keys))
 
     # --- drivers ------------------------------------------------------------------------
+
+    async def set_draining(self, address: str, draining: bool) -> None:
+        """Mark a driver draining (a set apart from its record), or not; announce it."""
+        event = Event(EventKind.DRIVER_CHANGED, driver=drain_marker(address, draining))
+
+        async def write() -> Any:
+            pipe = self._client.pipeline(transaction=True)
+            if draining:
+                pipe.sadd(self._draining_key, address)
+            else:
+                pipe.srem(self._draining_key, address)
+            pipe.publish(self._channel, _encode(event))
+            return await pipe.execute()
+
+        await self._call("set_draining", write)
+
+    async def draining(self) -> frozenset[str]:
+        """Addresses of the drivers marked draining (one round trip)."""
+        members = await self._call("draining", lambda: self._client.smembers(self._draining_key))
+        return frozenset(str(m) for m in members)
 
     async def drivers(self) -> Sequence[Driver]:
         """Every live driver (expired ones are dropped from Redis on the way)."""

@@ -237,6 +237,49 @@ def agent(
     sys.exit(run_agent(settings, registry))
 
 
+@cli.command()
+@click.argument("driver")
+@click.option(
+    "--registry",
+    required=True,
+    envvar="SPARK_ROUTER_REGISTRY",
+    help="the shared registry the routers use, e.g. redis://redis:6379/0.",
+)
+@click.option(
+    "--undo", is_flag=True, help="take the drain mark off: the driver takes new sessions again."
+)
+def drain(driver: str, registry: str, undo: bool) -> None:
+    """Stop new sessions on DRIVER (HOST:PORT); its current sessions stay where they are."""
+    from registry import open_registry
+    from registry.base import RegistryUnavailable
+
+    try:
+        split_host_port(driver)
+        if registry.startswith("memory://"):
+            raise ValueError("drain needs the registry the routers share (redis://...)")
+        store = open_registry(registry)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+
+    async def run() -> None:
+        try:
+            await store.set_draining(driver, not undo)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(run())
+    except RegistryUnavailable as exc:
+        _fail(f"cannot reach the registry: {exc}", EXIT_STARTUP_FAILURE)
+    if undo:
+        click.echo(f"driver {driver} takes new sessions again")
+    else:
+        click.echo(
+            f"driver {driver} is draining: routers place no new sessions there; "
+            "its sessions stay until they end (undo with --undo)"
+        )
+
+
 def _check_port_free(listen: str) -> None:
     """Fail before the slow driver start-up if the router's port is taken."""
     host, port = split_host_port(listen)

@@ -79,6 +79,7 @@ class Replica:
         self.health = Health(settings, self._on_health_change)
         self._membership: tuple[Driver, ...] = ()
         self._dynamic: Sequence[Driver] = ()
+        self._draining: frozenset[str] = frozenset()
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
         self._metrics: Any = None  # the Prometheus HTTP server, when metrics_listen is set
@@ -135,10 +136,14 @@ class Replica:
         """Re-read the registry's drivers and swap in new rings if membership changed."""
         try:
             self._dynamic = await self.registry.drivers()
+            self._draining = await self.registry.draining()
         except RegistryUnavailable as exc:
             self.placement.note_registry_error(exc)
         members = {d.address: d for d in self._static}
         members.update((d.address, d) for d in self._dynamic)
+        for address in self._draining & members.keys():  # operators' drain marks
+            if members[address].state is DriverState.ACTIVE:
+                members[address] = replace(members[address], state=DriverState.DRAINING)
         for address in self.health.down & members.keys():  # this replica's own probes
             members[address] = replace(members[address], state=DriverState.DOWN)
         membership = tuple(sorted(members.values(), key=lambda d: d.address))

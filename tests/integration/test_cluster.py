@@ -322,3 +322,47 @@ async def test_agents_register_drivers_and_sigterm_stops_new_sessions_within_a_t
 
 def _live(replica: Replica) -> set[str]:
     return {a for a, d in replica.placement.rings.drivers.items() if d.takes_new_sessions}
+
+
+async def test_drain_stops_new_sessions_and_keeps_existing_ones(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    drained, kept = fake_drivers[0], fake_drivers[1]
+    replica = Replica(_settings(redis_url, [drained.address, kept.address]))
+    async with Cluster([replica]) as cluster:
+        stub = cluster.stubs[0]
+        sessions = [str(uuid.uuid4()) for _ in range(60)]
+        before = {s: await _port_of(stub, s) for s in sessions}
+        assert drained.port in before.values()
+
+        proc = spawn(["-m", "router.cli", "drain", drained.address, "--registry", redis_url])
+        assert proc.wait(timeout=30) == 0
+        stop(proc)
+        await eventually(
+            lambda: replica.placement.rings.drivers[drained.address].state.value == "draining",
+            "the drain to reach the replica",
+        )
+        fresh = {await _port_of(stub, str(uuid.uuid4())) for _ in range(100)}
+        assert fresh == {kept.port}  # no new session on the drained driver
+        assert {s: await _port_of(stub, s) for s in sessions} == before  # nobody moved
+
+        proc = spawn(
+            ["-m", "router.cli", "drain", drained.address, "--registry", redis_url, "--undo"]
+        )
+        assert proc.wait(timeout=30) == 0
+        stop(proc)
+        await eventually(
+            lambda: replica.placement.rings.drivers[drained.address].state.value == "active",
+            "the undo to reach the replica",
+        )
+        again = {await _port_of(stub, str(uuid.uuid4())) for _ in range(100)}
+        assert drained.port in again
+
+
+def test_drain_refuses_the_embedded_registry() -> None:
+    proc = spawn(
+        ["-m", "router.cli", "drain", "127.0.0.1:1", "--registry", "memory://"], capture_stderr=True
+    )
+    _, err = proc.communicate(timeout=30)
+    stop(proc)
+    assert proc.returncode == 2 and "drain needs the registry the routers share" in err

@@ -504,3 +504,18 @@ async def test_a_moved_pin_keeps_its_server_side_alias(
     assert await other.get_pin("s-alias") == moved
     event = await listener.next()
     assert event.pin == moved  # other replicas learn the alias with the move
+
+
+async def test_drain_marks_are_shared_and_announced(
+    store: Harness, listen: Callable[[Registry], Awaitable[Listener]]
+) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    listener = await listen(other)
+    await reg.set_draining("d1:15002", True)
+    assert await other.draining() == {"d1:15002"}
+    event = await listener.next()
+    assert event.kind is EventKind.DRIVER_CHANGED and event.driver is not None
+    assert event.driver.address == "d1:15002"
+    await reg.set_draining("d1:15002", False)
+    assert await other.draining() == frozenset()
