@@ -479,22 +479,10 @@ def for_replay(method: str, request: bytes) -> bytes:
         target = _replayed_drop_view(request)
         if target is not None:
             drop.add(_EP_PLAN)
-            return _without(request, drop) + wire.encode_len_field(_EP_PLAN, _drop_plan(*target))
-    return _without(request, drop) if drop else request
-
-
-def _without(buf: bytes, fields: set[int]) -> bytes:
-    """`buf` without any occurrence of the top-level `fields`, other bytes untouched."""
-    pieces: list[bytes] = []
-    keep_from = 0
-    for number, _, tag_start, _, end in wire.iter_fields(buf):
-        if number in fields:
-            pieces.append(buf[keep_from:tag_start])
-            keep_from = end
-    if not pieces:
-        return buf
-    pieces.append(buf[keep_from:])
-    return b"".join(pieces)
+            return wire.strip_fields(request, drop) + wire.encode_len_field(
+                _EP_PLAN, _drop_plan(*target)
+            )
+    return wire.strip_fields(request, drop) if drop else request
 
 
 def _replayed_drop_view(request: bytes) -> tuple[bool, str] | None:

@@ -15,7 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 VARINT, I64, LEN, SGROUP, EGROUP, I32 = 0, 1, 2, 3, 4, 5
 
@@ -170,10 +170,15 @@ def read_strings(buf: bytes, fields: tuple[int, ...]) -> dict[int, bytes]:
 
 def strip_field(buf: bytes, field: int) -> bytes:
     """The message without any occurrence of the top-level `field`."""
+    return strip_fields(buf, (field,))
+
+
+def strip_fields(buf: bytes, fields: Collection[int]) -> bytes:
+    """The message without any occurrence of the top-level `fields`, other bytes untouched."""
     pieces: list[bytes] = []
     keep_from = 0
     for number, _, tag_start, _, end in iter_fields(buf):
-        if number == field:
+        if number in fields:
             pieces.append(buf[keep_from:tag_start])
             keep_from = end
     if not pieces:
