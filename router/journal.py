@@ -59,7 +59,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -538,3 +538,24 @@ class JournalEntry:
         if end > len(data):
             raise ValueError("truncated journal entry")
         return cls(data[pos:end].decode("utf-8"), data[end:])
+
+
+ARTIFACTS = "AddArtifacts"
+
+
+def frame(messages: Sequence[bytes]) -> bytes:
+    """Several request messages of one client stream as one journal payload."""
+    return b"".join(wire.encode_varint(len(m)) + m for m in messages)
+
+
+def unframe(data: bytes) -> list[bytes]:
+    """The request messages `frame` joined; WireError if the payload is damaged."""
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        size, pos = wire.read_varint(data, pos)
+        if pos + size > len(data):
+            raise wire.WireError("a framed journal message runs past the end")
+        out.append(data[pos : pos + size])
+        pos += size
+    return out

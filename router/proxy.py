@@ -190,11 +190,20 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         context: grpc.aio.ServicerContext,
     ) -> bytes:
         first = await self._first_request(method, requests, context)
-        _, pin, md, timeout = await self._route(method, first, context)
+        info, pin, md, timeout = await self._route(method, first, context)
+        outgoing = self._outgoing_stream(method, pin, first, requests)
+        tape = _Tape(self._settings.journal_max_bytes) if method.name == journal.ARTIFACTS else None
         call = self._upstreams.channel(pin.driver).stream_unary(method.path)(
-            self._outgoing_stream(method, pin, first, requests), metadata=md, timeout=timeout
+            tape.record(outgoing) if tape else outgoing, metadata=md, timeout=timeout
         )
-        return self._incoming(method, pin, await self._relay_unary(context, call, pin))
+        response = await self._relay_unary(context, call, pin)
+        if tape is not None and tape.overflowed:
+            # An entry just over the cap marks the journal overflowed (sticky): strict.
+            await self._append(info, bytes(self._settings.journal_max_bytes + 1))
+        elif tape is not None:
+            entry = journal.JournalEntry(method.name, journal.frame(tape.messages))
+            await self._append(info, entry.encode())
+        return self._incoming(method, pin, response)
 
     async def _stream_stream(
         self,
@@ -235,7 +244,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         """Journal a successful call that built session state (configs, views, functions)."""
         if method.name not in _JOURNALED or journal.classify(method.name, request) is None:
             return
-        entry = journal.JournalEntry(method.name, request).encode()
+        await self._append(info, journal.JournalEntry(method.name, request).encode())
+
+    async def _append(self, info: RequestInfo, entry: bytes) -> None:
+        """Add one entry to a session's journal; say so once when the session outgrows it."""
         try:
             kept = await self._registry.journal_append(
                 info.session_id, entry, self._settings.journal_max_bytes
@@ -316,9 +328,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         channel = self._upstreams.channel(pin.driver)
         for raw in entries:
             entry = journal.JournalEntry.decode(raw)
-            body = journal.for_replay(entry.method, entry.request)
             path = protocol.PATH_PREFIX + entry.method
             try:
+                if entry.method == journal.ARTIFACTS:
+                    chunks = [
+                        journal.for_replay(entry.method, m) for m in journal.unframe(entry.request)
+                    ]
+                    await channel.stream_unary(path)(_each(chunks), metadata=md, timeout=60)
+                    continue
+                body = journal.for_replay(entry.method, entry.request)
                 if entry.method == "ExecutePlan":
                     async for _ in channel.unary_stream(path)(body, metadata=md, timeout=60):
                         pass
@@ -426,3 +444,30 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
     yield first
     async for request in rest:
         yield request
+
+
+async def _each(messages: list[bytes]) -> AsyncIterator[bytes]:
+    """A request stream of the given messages."""
+    for message in messages:
+        yield message
+
+
+class _Tape:
+    """Keeps the messages of a client stream as they are forwarded, up to a byte cap."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._size = 0
+        self.messages: list[bytes] = []
+        self.overflowed = False
+
+    async def record(self, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """Pass `stream` through, keeping a copy of what fits under the cap."""
+        async for message in stream:
+            if not self.overflowed:
+                self._size += len(message)
+                if self._size > self._cap:
+                    self.overflowed, self.messages = True, []
+                else:
+                    self.messages.append(message)
+            yield message

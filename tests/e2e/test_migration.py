@@ -14,6 +14,7 @@ import subprocess
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -105,7 +106,7 @@ def _kill(driver: LocalDriver) -> None:
     driver.process.wait(timeout=30)
 
 
-def test_sigkill_of_the_driver_keeps_the_session(drivers: LocalDrivers) -> None:
+def test_sigkill_of_the_driver_keeps_the_session(drivers: LocalDrivers, tmp_path: Path) -> None:
     router = Router(drivers)
     spark = SparkSession.builder.remote(router.url).create()
     try:
@@ -114,7 +115,15 @@ def test_sigkill_of_the_driver_keeps_the_session(drivers: LocalDrivers) -> None:
         spark.sql("CREATE OR REPLACE TEMP VIEW sql_view AS SELECT id * 3 AS v FROM range(10)")
         spark.range(5).selectExpr("id * 10 AS w").createOrReplaceTempView("df_view")
         spark.udf.register("plus_one", lambda x: x + 1, "long")
-        query = "SELECT (SELECT sum(v) FROM sql_view) AS a, sum(plus_one(w)) AS b FROM df_view"
+        # A UDF whose code travels as an artifact (AddArtifacts, client streaming).
+        module = tmp_path / "router_e2e_helper.py"
+        module.write_text("def times7(x):\n    return x * 7\n")
+        spark.addArtifacts(str(module), pyfile=True)
+        spark.udf.register("times7", lambda x: __import__("router_e2e_helper").times7(x), "long")
+        query = (
+            "SELECT (SELECT sum(v) FROM sql_view) AS a, sum(plus_one(w)) AS b, "
+            "sum(times7(w)) AS c FROM df_view"
+        )
         before = spark.sql(query).collect()
         victim = _victim_of(drivers, spark)
         _kill(victim)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pyspark.sql.connect.proto import base_pb2, commands_pb2, relations_pb2
 
 from loadtest.fake_driver import FakeDriver
-from router import wire
+from router import journal, wire
 from router.journal import JournalEntry, classify, for_replay
 from router.protocol import METHODS, SERVICE, Shape
 
@@ -602,3 +602,28 @@ def test_entry_is_compact() -> None:
 def test_decoding_garbage_raises_value_error_only(data: bytes) -> None:
     with contextlib.suppress(ValueError):
         JournalEntry.decode(data)
+
+
+@given(st.lists(st.binary(max_size=300), max_size=8))
+def test_frame_round_trips_client_stream_messages(messages: list[bytes]) -> None:
+    assert journal.unframe(journal.frame(messages)) == messages
+
+
+def test_unframe_rejects_a_damaged_payload() -> None:
+    with pytest.raises(wire.WireError, match="runs past the end"):
+        journal.unframe(b"\x05ab")
+
+
+async def test_tape_keeps_a_stream_up_to_the_cap_only() -> None:
+    from router.proxy import _Tape
+
+    async def stream(sizes: list[int]) -> AsyncIterator[bytes]:
+        for n in sizes:
+            yield bytes(n)
+
+    tape = _Tape(10)
+    assert [len(m) async for m in tape.record(stream([4, 6]))] == [4, 6]
+    assert [len(m) for m in tape.messages] == [4, 6] and not tape.overflowed
+    tape = _Tape(10)
+    assert [len(m) async for m in tape.record(stream([4, 6, 1]))] == [4, 6, 1]  # all forwarded
+    assert tape.overflowed and tape.messages == []  # nothing half-kept
