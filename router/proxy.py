@@ -144,15 +144,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 self._outgoing(method, pin, request), metadata=md, timeout=timeout
             )
             try:
-                response: bytes = await call
+                await call
                 break
             except grpc.aio.AioRpcError as exc:
                 if attempt == 1 and await self._driver_died(exc, pin):
                     pin = await self._placed(method, request, info, md, context)
                     continue
                 await self._relay_error(context, exc, pin)
-        await self._relay_initial(context, call)
-        context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
+        response = await self._relay_unary(context, call, pin)  # done: no second round trip
         await self._record(method, info, request)
         if method.name == "ReleaseSession":
             await self._placement.release(info.session_id)
