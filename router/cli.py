@@ -280,6 +280,44 @@ def drain(driver: str, registry: str, undo: bool) -> None:
         )
 
 
+@cli.command("drivers")
+@click.option(
+    "--registry",
+    required=True,
+    envvar="SPARK_ROUTER_REGISTRY",
+    help="the shared registry the routers use, e.g. redis://redis:6379/0.",
+)
+def list_drivers(registry: str) -> None:
+    """List the live drivers agents registered, with pool, weight, state and drain marks."""
+    from registry import open_registry
+    from registry.base import RegistryUnavailable
+
+    try:
+        store = open_registry(registry)
+    except ValueError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+
+    async def read() -> tuple[list[Any], frozenset[str]]:
+        try:
+            return list(await store.drivers()), await store.draining()
+        finally:
+            await store.close()
+
+    try:
+        drivers, draining = asyncio.run(read())
+    except RegistryUnavailable as exc:
+        _fail(f"cannot reach the registry: {exc}", EXIT_STARTUP_FAILURE)
+    rows = [("ADDRESS", "POOL", "WEIGHT", "STATE")]
+    for d in sorted(drivers, key=lambda d: (d.pool, d.address)):
+        state = "draining" if d.address in draining and d.state.value == "active" else d.state.value
+        rows.append((d.address, d.pool, str(d.weight), state))
+    for address in sorted(draining - {d.address for d in drivers}):
+        rows.append((address, "-", "-", "draining (static or not registered)"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]))
+
+
 def _check_port_free(listen: str) -> None:
     """Fail before the slow driver start-up if the router's port is taken."""
     host, port = split_host_port(listen)

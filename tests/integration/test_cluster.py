@@ -366,3 +366,23 @@ def test_drain_refuses_the_embedded_registry() -> None:
     _, err = proc.communicate(timeout=30)
     stop(proc)
     assert proc.returncode == 2 and "drain needs the registry the routers share" in err
+
+
+async def test_drivers_command_lists_registry_drivers_and_drain_marks(redis_url: str) -> None:
+    admin = open_registry(redis_url)
+    try:
+        await admin.upsert_driver(Driver("127.0.0.1:7001", pool="etl", weight=2), ttl=30)
+        await admin.upsert_driver(Driver("127.0.0.1:7002"), ttl=30)
+        await admin.set_draining("127.0.0.1:7002", True)
+        await admin.set_draining("127.0.0.1:7003", True)  # a static driver
+    finally:
+        await admin.close()
+    proc = spawn(["-m", "router.cli", "drivers", "--registry", redis_url])
+    out, _ = proc.communicate(timeout=30)
+    stop(proc)
+    assert proc.returncode == 0
+    lines = [line.split() for line in out.splitlines()]
+    assert lines[0] == ["ADDRESS", "POOL", "WEIGHT", "STATE"]
+    assert ["127.0.0.1:7002", "default", "1", "draining"] in lines
+    assert ["127.0.0.1:7001", "etl", "2", "active"] in lines
+    assert any(row[:2] == ["127.0.0.1:7003", "-"] and "draining" in row for row in lines)
