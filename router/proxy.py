@@ -175,12 +175,20 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         continue
                     await self._relay_error(context, exc, pin)
                 break
+            # A state-building call is journaled when its result is complete, before the
+            # client sees that: pyspark may end the call right then, which would cancel
+            # anything this handler meant to do after its last message.
+            entry = self._entry(method, request)
             async for response in self._relay_stream(context, call, pin, first, method):
+                if entry is not None and _completes(response):
+                    await self._append(info, entry)
+                    entry = None
                 yield response
+            if entry is not None:  # a stream that ended without a result_complete message
+                await self._append(info, entry)
         finally:
             if call is not None and not call.done():
                 call.cancel()  # the client went away before the stream began
-        await self._record(method, info, request)
 
     async def _stream_unary(
         self,
@@ -239,11 +247,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return response
         return wire.replace_string(response, method.response_server_side_field, pin.server_side_id)
 
-    async def _record(self, method: Method, info: RequestInfo, request: bytes) -> None:
-        """Journal a successful call that built session state (configs, views, functions)."""
+    def _entry(self, method: Method, request: bytes) -> bytes | None:
+        """The journal entry of a call that builds session state, else None (most calls)."""
         if method.name not in _JOURNALED or journal.classify(method.name, request) is None:
-            return
-        await self._append(info, journal.JournalEntry(method.name, request).encode())
+            return None
+        return journal.JournalEntry(method.name, request).encode()
+
+    async def _record(self, method: Method, info: RequestInfo, request: bytes) -> None:
+        """Journal a successful unary call that built session state."""
+        entry = self._entry(method, request)
+        if entry is not None:
+            await self._append(info, entry)
 
     async def _append(self, info: RequestInfo, entry: bytes) -> None:
         """Add one entry to a session's journal; say so once when the session outgrows it."""
@@ -470,3 +484,15 @@ class _Tape:
                 else:
                     self.messages.append(message)
             yield message
+
+
+# ExecutePlanResponse.result_complete: the last message of a successful execution.
+_RESULT_COMPLETE_FIELD = 14
+
+
+def _completes(response: bytes) -> bool:
+    """Whether an ExecutePlan response says the execution completed."""
+    try:
+        return wire.read_bytes(response, _RESULT_COMPLETE_FIELD) is not None
+    except wire.WireError:
+        return False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -92,3 +94,41 @@ async def test_no_driver_left_names_the_dead_one(
     details = err.value.details() or ""
     # Either both are known down already, or the retry found the second one dead too.
     assert any(f"driver {d.address}" in details for d in drivers), details
+
+
+class HoldingDriver(FakeDriver):
+    """A fake driver that keeps each ExecutePlan stream open after its last message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def ExecutePlan(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        async for response in super().ExecutePlan(request, context):
+            yield response
+        await self.release.wait()
+
+
+async def test_state_is_journaled_even_if_the_client_ends_the_stream_at_once() -> None:
+    driver = HoldingDriver()
+    await driver.start()
+    replica = Replica(load_settings(listen="127.0.0.1:0", drivers=[driver.address]))
+    await replica.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            s = str(uuid.uuid4())
+            view = base_pb2.Plan()
+            view.command.create_dataframe_view.name = "v"
+            view.command.create_dataframe_view.replace = True
+            view.command.create_dataframe_view.input.range.end = 3
+            call = Stub(channel).ExecutePlan(base_pb2.ExecutePlanRequest(session_id=s, plan=view))
+            async for response in call:
+                if response.HasField("result_complete"):
+                    call.cancel()  # what a client may do once it has its result
+                    break
+        entries = await replica.registry.journal(s)
+        assert entries is not None and len(entries) == 1
+    finally:
+        driver.release.set()
+        await replica.stop(0)
+        await driver.stop()
