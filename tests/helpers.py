@@ -31,7 +31,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(cond: Callable[[], bool], timeout: float, what: str, every: float = 0.05) -> None:
+def wait_until(
+    cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition", every: float = 0.02
+) -> None:
     """Poll `cond` until true; AssertionError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while not cond():
@@ -151,6 +153,14 @@ def alive(proc: psutil.Process) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def gone(pid: int) -> bool:
+    """True if pid no longer runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def close_pipes(proc: subprocess.Popen[str]) -> None:

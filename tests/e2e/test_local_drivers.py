@@ -17,25 +17,9 @@ import psutil
 import pytest
 
 from router.local import SERVER_CLASS, DriverFailedToStart, JavaInfo, LocalDrivers
+from tests.helpers import gone, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `condition` until true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
-def gone(pid: int) -> bool:
-    """True if pid no longer runs (a zombie awaiting its reaper counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def live_group_members(pgid: int) -> list[psutil.Process]:
@@ -121,11 +105,11 @@ def test_driver_dies_with_a_sigkilled_parent(java: JavaInfo, tmp_path: Path) -> 
     try:
         pid = int(parent.stdout.readline())
         jvm = psutil.Process(pid)
-        wait_for(lambda: jvm.name() == "java", 60, "spark-submit to exec into java")
+        wait_until(lambda: jvm.name() == "java", 60, "spark-submit to exec into java")
         assert SERVER_CLASS in jvm.cmdline()  # the server JVM, not spark-class's launcher
         parent.kill()
         parent.wait()
-        wait_for(lambda: gone(pid), 30, "the JVM to die with its parent")
+        wait_until(lambda: gone(pid), 30, "the JVM to die with its parent")
         assert live_group_members(pid) == []
     finally:
         parent.kill()

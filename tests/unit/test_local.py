@@ -13,7 +13,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -35,28 +35,12 @@ from router.local import (
     java_major,
     spawn,
 )
+from tests.helpers import gone, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `condition` until true; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
-def gone(pid: int) -> bool:
-    """True if pid no longer runs (a zombie awaiting its reaper counts as gone)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def group_members(pgid: int) -> list[int]:
@@ -176,7 +160,7 @@ def cleanup() -> Iterator[list[LocalDrivers | LocalDriver]]:
 
 def read_pids(tmp_path: Path, port: int) -> list[int]:
     path = tmp_path / "pids" / str(port)
-    wait_for(path.exists, what=f"fake driver on {port} to write its pids")
+    wait_until(path.exists, what=f"fake driver on {port} to write its pids")
     return [int(pid) for pid in path.read_text().split()]
 
 
@@ -456,7 +440,7 @@ def test_spawn_survives_its_callers_thread() -> None:
             thread.start()
             thread.join()
         # The naive child is killed by the kernel when its thread ends ...
-        wait_for(lambda: children["naive"].poll() is not None, what="naive child to die")
+        wait_until(lambda: children["naive"].poll() is not None, what="naive child to die")
         assert children["naive"].returncode == -signal.SIGKILL
         # ... by which time the spawned one's caller thread had ended too: it lives on.
         assert children["spawned"].poll() is None
@@ -489,7 +473,7 @@ def test_spawned_child_dies_with_a_sigkilled_parent() -> None:
         assert not gone(pid)
         parent.kill()
         parent.wait()
-        wait_for(lambda: gone(pid), what="the orphan to be killed")
+        wait_until(lambda: gone(pid), what="the orphan to be killed")
     finally:
         parent.kill()
         parent.wait()
