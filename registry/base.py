@@ -14,6 +14,8 @@ Invariants every store keeps:
   instance sharing the store (other replicas), so caches never need polling.
 - Stores raise `RegistryUnavailable` when they cannot reach their backend, nothing else;
   they hold no policy and never choose a driver.
+- `sessions(driver)` lists the live pins naming that driver, whichever replica bound or
+  moved them.
 - A session's journal (router/journal.py; opaque bytes here) keeps its entries in append
   order, each exactly once however many instances append concurrently. It holds at most
   `cap` bytes in all: an append that would exceed it is refused and marks the journal
@@ -24,10 +26,10 @@ Invariants every store keeps:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Protocol
 
-from registry.models import Driver, Event, Pin
+from registry.models import DrainMode, Driver, Event, Pin
 
 
 class RegistryUnavailable(Exception):
@@ -53,8 +55,8 @@ class Registry(Protocol):
         """Forget a session's pin (ReleaseSession) and announce it."""
         ...
 
-    async def touch(self, session_ids: Collection[str]) -> None:
-        """Refresh the TTL of the pins of active sessions, in one batch."""
+    async def touch(self, session_ids: Collection[str], drivers: Collection[str] = ()) -> None:
+        """Refresh the TTL of the pins of active sessions (and `drivers`' session lists) at once."""
         ...
 
     async def journal_append(self, session_id: str, entry: bytes, cap: int) -> bool:
@@ -81,7 +83,9 @@ class Registry(Protocol):
         """Deregister a driver and announce it."""
         ...
 
-    async def set_draining(self, address: str, draining: bool) -> None:
+    async def set_draining(
+        self, address: str, draining: bool, mode: DrainMode = DrainMode.KEEP
+    ) -> None:
         """Mark a driver draining (no new sessions) or take the mark off, and announce it.
 
         The mark is kept apart from the driver's record, which its agent rewrites with every
@@ -89,8 +93,12 @@ class Registry(Protocol):
         """
         ...
 
-    async def draining(self) -> frozenset[str]:
-        """Addresses of the drivers marked draining."""
+    async def draining(self) -> Mapping[str, DrainMode]:
+        """The drivers marked draining, each with its mode."""
+        ...
+
+    async def sessions(self, driver: str | None = None, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` live pins: those on `driver`, or any (for operators, not the hot path)."""
         ...
 
     def events(self) -> AsyncIterator[Event]:

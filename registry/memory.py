@@ -16,10 +16,10 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from registry.models import Driver, Event, EventKind, Pin, drain_marker
+from registry.models import DrainMode, Driver, Event, EventKind, Pin, drain_marker
 
 DEFAULT_PIN_TTL = 2 * 3600.0
 
@@ -47,7 +47,7 @@ class MemoryRegistry:
         self._pins: dict[str, tuple[Pin, float]] = {}
         self._drivers: dict[str, tuple[Driver, float]] = {}
         self._subscribers: list[asyncio.Queue[object]] = []
-        self._draining: set[str] = set()
+        self._draining: dict[str, DrainMode] = {}
         self._journals: dict[str, _Journal] = {}
 
     # --- pins ---------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class MemoryRegistry:
         if self._pins.pop(session_id, None) is not None:
             self._publish(Event(EventKind.PIN_RELEASED, session_id=session_id))
 
-    async def touch(self, session_ids: Collection[str]) -> None:
+    async def touch(self, session_ids: Collection[str], drivers: Collection[str] = ()) -> None:
         """Refresh the TTL of live pins."""
         expires = self._clock() + self._pin_ttl
         for session_id in session_ids:
@@ -132,6 +132,17 @@ class MemoryRegistry:
         """Forget a session's journal."""
         self._journals.pop(session_id, None)
 
+    async def sessions(self, driver: str | None = None, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` live pins: those on `driver`, or any."""
+        found: list[Pin] = []
+        for session_id in list(self._pins):
+            pin = await self.get_pin(session_id)
+            if pin is not None and (driver is None or pin.driver == driver):
+                found.append(pin)
+                if len(found) >= limit:
+                    break
+        return found
+
     def pin_count(self) -> int:
         """How many sessions are pinned (for tests and metrics)."""
         return len(self._pins)
@@ -159,17 +170,19 @@ class MemoryRegistry:
         if entry is not None:
             self._publish(Event(EventKind.DRIVER_LEFT, driver=entry[0]))
 
-    async def set_draining(self, address: str, draining: bool) -> None:
+    async def set_draining(
+        self, address: str, draining: bool, mode: DrainMode = DrainMode.KEEP
+    ) -> None:
         """Mark a driver draining, or take the mark off."""
         if draining:
-            self._draining.add(address)
+            self._draining[address] = mode
         else:
-            self._draining.discard(address)
+            self._draining.pop(address, None)
         self._publish(Event(EventKind.DRIVER_CHANGED, driver=drain_marker(address, draining)))
 
-    async def draining(self) -> frozenset[str]:
-        """Addresses of the drivers marked draining."""
-        return frozenset(self._draining)
+    async def draining(self) -> Mapping[str, DrainMode]:
+        """The drivers marked draining, each with its mode."""
+        return dict(self._draining)
 
     # --- events -------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ lives on a driver. Both are immutable values: a change is a new record.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEFAULT_POOL = "default"
 
@@ -34,6 +34,13 @@ class Driver:
         return self.state is DriverState.ACTIVE
 
 
+class DrainMode(str, enum.Enum):
+    """What an operator's drain mark asks of a driver's sessions."""
+
+    KEEP = "keep"  # no new sessions; current ones stay until they end
+    MOVE_IDLE = "move-idle"  # also move each session on its next call that starts no operation
+
+
 def drain_marker(address: str, draining: bool) -> Driver:
     """The driver as a drain event shows it (replicas re-read membership on any change)."""
     return Driver(address, state=DriverState.DRAINING if draining else DriverState.ACTIVE)
@@ -49,6 +56,10 @@ class Pin:
     # For a session moved to another driver: the server-side session id its client saw
     # first, which the router keeps showing it (None: never moved, nothing rewritten).
     server_side_id: str | None = None
+    # What operators see; not part of where calls go, so pins compare without them.
+    owner: str | None = field(default=None, compare=False)  # user_id of the first call
+    created: float | None = field(default=None, compare=False)  # unix time of the first call
+    moves: int = field(default=0, compare=False)  # how often it moved to another driver
 
 
 class EventKind(str, enum.Enum):

@@ -4,12 +4,18 @@ Key schema (`P` is the `prefix` option, default "spark-router"; the braces are a
 Cluster hash tag, so every key and the channel hash to one slot and the Lua scripts below
 may touch them together):
 
-    {P}:pin:<session_id>    string  JSON ["<driver address>","<pool>"], PEXPIRE pin_ttl
+    {P}:pin:<session_id>    string  JSON [driver address, pool, server-side id alias or null,
+                                    owner or null, created unix time or null, moves],
+                                    PEXPIRE pin_ttl
+    {P}:sessions:<address>  set     session ids pinned to the driver (members whose pin has
+                                    expired are dropped when it is listed); PEXPIRE pin_ttl,
+                                    refreshed by binds, moves and `touch`
     {P}:drivers             zset    member = driver address, score = expiry as unix time in
                                     seconds (Redis server clock), +inf for a static driver
     {P}:driver:<address>    hash    pool, weight, state; expires 60 s after its zset entry
                                     (never, for a static driver)
-    {P}:draining            set of addresses an operator marked draining (spark-router drain)
+    {P}:draining            hash    address -> drain mode ("keep" | "move-idle") of the
+                                    drivers an operator marked draining (spark-router drain)
     {P}:events              pub/sub channel: JSON {"kind", "driver", "pin", "session_id"}
     {P}:journal:<session_id>        list    the session's journal entries (raw bytes), in
                                             append order; PEXPIRE pin_ttl
@@ -68,7 +74,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -84,7 +90,16 @@ from redis.exceptions import NoScriptError, RedisError
 
 from registry.base import RegistryUnavailable
 from registry.memory import DEFAULT_PIN_TTL
-from registry.models import DEFAULT_POOL, Driver, DriverState, Event, EventKind, Pin, drain_marker
+from registry.models import (
+    DEFAULT_POOL,
+    DrainMode,
+    Driver,
+    DriverState,
+    Event,
+    EventKind,
+    Pin,
+    drain_marker,
+)
 
 __all__ = ["DEFAULT_PREFIX", "SCHEMES", "RedisRegistry"]
 
@@ -99,30 +114,54 @@ DRIVER_HASH_GRACE_MS = 60_000
 
 T = TypeVar("T")
 
+# KEYS: pin. ARGV: pin, ttl ms, session set key of the pin's driver, session id
 _BIND = """
 local current = redis.call('GET', KEYS[1])
 if current then return current end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SADD', ARGV[3], ARGV[4])
+redis.call('PEXPIRE', ARGV[3], ARGV[2])
 return ARGV[1]
 """
 
-# ARGV: expected driver, new pin, ttl ms, channel, PIN_MOVED event
+# KEYS: pin. ARGV: expected driver, new pin, ttl ms, channel, PIN_MOVED event,
+# session set key prefix, new driver, session id
 _MOVE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return false end
 if cjson.decode(current)[1] ~= ARGV[1] then return current end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SREM', ARGV[6] .. ARGV[1], ARGV[8])
+redis.call('SADD', ARGV[6] .. ARGV[7], ARGV[8])
+redis.call('PEXPIRE', ARGV[6] .. ARGV[7], ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return ARGV[2]
 """
 
-# ARGV: channel, PIN_RELEASED event
+# KEYS: pin. ARGV: channel, PIN_RELEASED event, session set key prefix, session id
 _RELEASE = """
-if redis.call('DEL', KEYS[1]) == 1 then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
-  return 1
+local current = redis.call('GET', KEYS[1])
+if not current then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[3] .. cjson.decode(current)[1], ARGV[4])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: session set of a driver. ARGV: pin key prefix, driver, limit.
+# Returns a flat list: session id, pin, ...; drops members whose pin expired or moved away.
+_SESSIONS = """
+local out = {}
+for _, session in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local pin = redis.call('GET', ARGV[1] .. session)
+  if (not pin) or cjson.decode(pin)[1] ~= ARGV[2] then
+    redis.call('SREM', KEYS[1], session)
+  elseif #out < 2 * tonumber(ARGV[3]) then
+    out[#out + 1] = session
+    out[#out + 1] = pin
+  end
 end
-return 0
+return out
 """
 
 # KEYS: drivers zset, driver hash. ARGV: address, pool, weight, state,
@@ -250,9 +289,12 @@ class RedisRegistry:
         self._driver_prefix = f"{self._tag}:driver:"
         self._channel = f"{self._tag}:events"
         self._draining_key = f"{self._tag}:draining"
+        self._sessions_prefix = f"{self._tag}:sessions:"
+        self._pin_prefix = f"{self._tag}:pin:"
         self._bind = client.register_script(_BIND)
         self._move = client.register_script(_MOVE)
         self._release = client.register_script(_RELEASE)
+        self._sessions = client.register_script(_SESSIONS)
         self._upsert = client.register_script(_UPSERT)
         self._drivers = client.register_script(_DRIVERS)
         self._remove = client.register_script(_REMOVE)
@@ -332,7 +374,12 @@ class RedisRegistry:
             "bind",
             self._bind,
             keys=[self._pin_key(pin.session_id)],
-            args=[_encode_pin(pin), self._pin_ttl_ms],
+            args=[
+                _encode_pin(pin),
+                self._pin_ttl_ms,
+                self._sessions_prefix + pin.driver,
+                pin.session_id,
+            ],
         )
         return _decode_pin(pin.session_id, value)
 
@@ -343,7 +390,16 @@ class RedisRegistry:
             "move",
             self._move,
             keys=[self._pin_key(session_id)],
-            args=[expected, _encode_pin(pin), self._pin_ttl_ms, self._channel, _encode(event)],
+            args=[
+                expected,
+                _encode_pin(pin),
+                self._pin_ttl_ms,
+                self._channel,
+                _encode(event),
+                self._sessions_prefix,
+                pin.driver,
+                session_id,
+            ],
         )
         return None if value is None else _decode_pin(session_id, value)
 
@@ -354,16 +410,41 @@ class RedisRegistry:
             "release",
             self._release,
             keys=[self._pin_key(session_id)],
-            args=[self._channel, _encode(event)],
+            args=[self._channel, _encode(event), self._sessions_prefix, session_id],
         )
 
-    async def touch(self, session_ids: Collection[str]) -> None:
+    async def sessions(self, driver: str | None = None, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` live pins: those on `driver` (one round trip), or any (a SCAN)."""
+        if driver is not None:
+            flat = await self._script(
+                "sessions",
+                self._sessions,
+                keys=[self._sessions_prefix + driver],
+                args=[self._pin_prefix, driver, limit],
+            )
+            return [_decode_pin(_text(flat[i]), flat[i + 1]) for i in range(0, len(flat), 2)]
+
+        async def scan() -> list[Pin]:
+            found: list[Pin] = []
+            async for key in self._client.scan_iter(match=self._pin_prefix + "*", count=1000):
+                value = await self._client.get(key)
+                if value is not None:
+                    found.append(_decode_pin(_text(key)[len(self._pin_prefix) :], value))
+                    if len(found) >= limit:
+                        break
+            return found
+
+        return await self._call("sessions", scan)
+
+    async def touch(self, session_ids: Collection[str], drivers: Collection[str] = ()) -> None:
         """Refresh the TTL of the live pins among `session_ids`, in one round trip."""
         if not session_ids:
             return
 
         async def pexpire_all() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
+                for driver in drivers:
+                    pipe.pexpire(self._sessions_prefix + driver, self._pin_ttl_ms)
                 for session_id in session_ids:
                     pipe.pexpire(self._pin_key(session_id), self._pin_ttl_ms)
                     for key in self._journal_keys(session_id):
@@ -415,25 +496,33 @@ class RedisRegistry:
 
     # --- drivers ------------------------------------------------------------------------
 
-    async def set_draining(self, address: str, draining: bool) -> None:
-        """Mark a driver draining (a set apart from its record), or not; announce it."""
+    async def set_draining(
+        self, address: str, draining: bool, mode: DrainMode = DrainMode.KEEP
+    ) -> None:
+        """Mark a driver draining (a hash apart from its record), or not; announce it."""
         event = Event(EventKind.DRIVER_CHANGED, driver=drain_marker(address, draining))
 
         async def write() -> Any:
             pipe = self._client.pipeline(transaction=True)
             if draining:
-                pipe.sadd(self._draining_key, address)
+                pipe.hset(self._draining_key, address, mode.value)
             else:
-                pipe.srem(self._draining_key, address)
+                pipe.hdel(self._draining_key, address)
             pipe.publish(self._channel, _encode(event))
             return await pipe.execute()
 
         await self._call("set_draining", write)
 
-    async def draining(self) -> frozenset[str]:
-        """Addresses of the drivers marked draining (one round trip)."""
-        members = await self._call("draining", lambda: self._client.smembers(self._draining_key))
-        return frozenset(str(m) for m in members)
+    async def draining(self) -> Mapping[str, DrainMode]:
+        """The drivers marked draining, each with its mode (one round trip)."""
+        marks = await self._call("draining", lambda: self._client.hgetall(self._draining_key))
+        found: dict[str, DrainMode] = {}
+        for address, mode in marks.items():
+            try:
+                found[_text(address)] = DrainMode(_text(mode))
+            except ValueError:
+                found[_text(address)] = DrainMode.KEEP  # a mode from a newer version
+        return found
 
     async def drivers(self) -> Sequence[Driver]:
         """Every live driver (expired ones are dropped from Redis on the way)."""
@@ -662,18 +751,23 @@ def _text(value: str | bytes) -> str:
 
 
 def _encode_pin(pin: Pin) -> str:
-    # [driver, pool] or, for a moved session, [driver, pool, server-side id alias]; the
-    # Lua scripts compare element 1 only.
-    fields = [pin.driver, pin.pool]
-    if pin.server_side_id is not None:
-        fields.append(pin.server_side_id)
+    # A list, so the Lua scripts find the driver as element 1 without field names.
+    fields = [pin.driver, pin.pool, pin.server_side_id, pin.owner, pin.created, pin.moves]
     return json.dumps(fields, separators=(",", ":"))
 
 
 def _decode_pin(session_id: str, value: str | bytes) -> Pin:
-    fields = json.loads(value)
-    alias = str(fields[2]) if len(fields) > 2 else None
-    return Pin(session_id, str(fields[0]), str(fields[1]), alias)
+    fields = [*json.loads(value), None, None, None, None][:6]  # older pins: 2 or 3 fields
+    alias, owner, created, moves = fields[2:6]
+    return Pin(
+        session_id,
+        str(fields[0]),
+        str(fields[1]),
+        None if alias is None else str(alias),
+        None if owner is None else str(owner),
+        None if created is None else float(created),
+        int(moves or 0),
+    )
 
 
 def _encode(event: Event) -> str:
@@ -688,12 +782,7 @@ def _encode(event: Event) -> str:
         }
     if event.pin is not None:
         p = event.pin
-        record["pin"] = {
-            "session_id": p.session_id,
-            "driver": p.driver,
-            "pool": p.pool,
-            "server_side_id": p.server_side_id,
-        }
+        record["pin"] = {"session_id": p.session_id, "value": _encode_pin(p)}
     if event.session_id is not None:
         record["session_id"] = event.session_id
     return json.dumps(record, separators=(",", ":"))
@@ -717,14 +806,7 @@ def _decode_event(data: Any) -> Event | None:
                 DriverState(d.get("state", DriverState.ACTIVE.value)),
             )
         if record.get("pin"):
-            p = record["pin"]
-            alias = p.get("server_side_id")
-            pin = Pin(
-                str(p["session_id"]),
-                str(p["driver"]),
-                str(p.get("pool", DEFAULT_POOL)),
-                None if alias is None else str(alias),
-            )
+            pin = _decode_pin(str(record["pin"]["session_id"]), record["pin"]["value"])
         session_id = record.get("session_id")
         kind = EventKind(record["kind"])
         if kind in _DRIVER_EVENTS and driver is None:

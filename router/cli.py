@@ -12,6 +12,7 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -237,85 +238,217 @@ def agent(
     sys.exit(run_agent(settings, registry))
 
 
+def _target_options(fn: Any) -> Any:
+    """--admin / --registry / --admin-token: where the operator commands get their answers."""
+    fn = click.option(
+        "--admin-token",
+        envvar="SPARK_ROUTER_ADMIN_TOKEN",
+        help="bearer token of the admin API, when the replica sets admin_token.",
+    )(fn)
+    fn = click.option(
+        "--registry",
+        envvar="SPARK_ROUTER_REGISTRY",
+        help="or the shared registry itself, e.g. redis://redis:6379/0 (no health view).",
+    )(fn)
+    return click.option(
+        "--admin",
+        envvar="SPARK_ROUTER_ADMIN_URL",
+        help="a replica's admin API, e.g. http://router:9464 (adds its health view).",
+    )(fn)
+
+
+def _control(admin: str | None, registry: str | None, token: str | None) -> Any:
+    from registry import open_registry
+    from router.control import AdminControl, RegistryControl
+
+    if admin:
+        return AdminControl(admin, token)
+    if not registry:
+        _fail("give --admin URL (a replica's admin API) or --registry URL", EXIT_CONFIG)
+    if registry.startswith("memory://"):
+        _fail("memory:// is private to one replica: give --admin URL of that replica", EXIT_CONFIG)
+    try:
+        open_registry(registry)  # validate the URL now, before any command runs
+    except ValueError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    return RegistryControl(lambda: open_registry(registry))
+
+
+def _controlled(work: Any) -> Any:
+    from router.control import ControlError
+
+    try:
+        return work()
+    except ControlError as exc:
+        _fail(str(exc), EXIT_STARTUP_FAILURE)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 @cli.command()
 @click.argument("driver")
+@_target_options
 @click.option(
-    "--registry",
-    required=True,
-    envvar="SPARK_ROUTER_REGISTRY",
-    help="the shared registry the routers use, e.g. redis://redis:6379/0.",
+    "--move-idle",
+    is_flag=True,
+    help="also move each session, with its state, on its next call that starts no operation.",
+)
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=float,
+    default=None,
+    help="with --move-idle: wait up to this many seconds for the driver to hold no session.",
 )
 @click.option(
     "--undo", is_flag=True, help="take the drain mark off: the driver takes new sessions again."
 )
-def drain(driver: str, registry: str, undo: bool) -> None:
-    """Stop new sessions on DRIVER (HOST:PORT); its current sessions stay where they are."""
-    from registry import open_registry
-    from registry.base import RegistryUnavailable
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON.")
+def drain(
+    driver: str,
+    admin: str | None,
+    registry: str | None,
+    admin_token: str | None,
+    move_idle: bool,
+    wait_seconds: float | None,
+    undo: bool,
+    as_json: bool,
+) -> None:
+    """Stop new sessions on DRIVER (HOST:PORT); with --move-idle move its sessions off too."""
+    import json as jsonlib
+
+    from registry.models import DrainMode
 
     try:
         split_host_port(driver)
-        if registry.startswith("memory://"):
-            raise ValueError("drain needs the registry the routers share (redis://...)")
-        store = open_registry(registry)
     except ValueError as exc:
         _fail(str(exc), EXIT_CONFIG)
-
-    async def run() -> None:
-        try:
-            await store.set_draining(driver, not undo)
-        finally:
-            await store.close()
-
-    try:
-        asyncio.run(run())
-    except RegistryUnavailable as exc:
-        _fail(f"cannot reach the registry: {exc}", EXIT_STARTUP_FAILURE)
-    if undo:
+    if undo and (move_idle or wait_seconds is not None):
+        _fail("--undo takes no --move-idle or --wait", EXIT_CONFIG)
+    control = _control(admin, registry, admin_token)
+    mode = None if undo else DrainMode.MOVE_IDLE if move_idle else DrainMode.KEEP
+    result = _controlled(lambda: control.drain(driver, mode))
+    if wait_seconds is not None and result["sessions"]:
+        result["sessions"] = _wait_empty(control, driver, result["sessions"], wait_seconds)
+    if as_json:
+        click.echo(jsonlib.dumps(result))
+    elif undo:
         click.echo(f"driver {driver} takes new sessions again")
+    elif move_idle:
+        click.echo(
+            f"driver {driver} is draining: no new sessions; its {result['sessions']} session(s) "
+            "move with their state on their next call (undo with --undo)"
+        )
     else:
         click.echo(
-            f"driver {driver} is draining: routers place no new sessions there; "
-            "its sessions stay until they end (undo with --undo)"
+            f"driver {driver} is draining: routers place no new sessions there; its "
+            f"{result['sessions']} session(s) stay until they end (undo with --undo)"
         )
+    if wait_seconds is not None and result["sessions"]:
+        sys.exit(1)  # still holds sessions: not safe to retire yet
+
+
+def _wait_empty(control: Any, driver: str, first: int, seconds: float) -> int:
+    """Poll the driver's session count with a progress bar until 0 or `seconds` pass."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    deadline = time.monotonic() + seconds
+    left = first
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"sessions moved off {driver}", total=first)
+        while left and time.monotonic() < deadline:
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0)))  # a poll interval
+            left = len(_controlled(lambda: control.sessions(driver, first + 1)))
+            progress.update(task, completed=max(first - left, 0))
+    return left
 
 
 @cli.command("drivers")
-@click.option(
-    "--registry",
-    required=True,
-    envvar="SPARK_ROUTER_REGISTRY",
-    help="the shared registry the routers use, e.g. redis://redis:6379/0.",
-)
-def list_drivers(registry: str) -> None:
-    """List the live drivers agents registered, with pool, weight, state and drain marks."""
-    from registry import open_registry
-    from registry.base import RegistryUnavailable
+@_target_options
+@click.option("--json", "as_json", is_flag=True, help="print the drivers as JSON.")
+def list_drivers(
+    admin: str | None, registry: str | None, admin_token: str | None, as_json: bool
+) -> None:
+    """List drivers with pool, weight, state, drain mode and session count."""
+    import json as jsonlib
 
-    try:
-        store = open_registry(registry)
-    except ValueError as exc:
-        _fail(str(exc), EXIT_CONFIG)
+    control = _control(admin, registry, admin_token)
+    drivers = _controlled(control.drivers)
+    if as_json:
+        click.echo(jsonlib.dumps(drivers))
+        return
+    rows = [("ADDRESS", "POOL", "WEIGHT", "STATE", "HEALTH", "DRAIN", "SESSIONS")]
+    for d in drivers:
+        rows.append(
+            (
+                d["address"],
+                d["pool"] or "-",
+                "-" if d["weight"] is None else str(d["weight"]),
+                d["state"] or "static or not registered",
+                d.get("health") or "-",
+                d["drain"] or "-",
+                str(d["sessions"]),
+            )
+        )
+    _table(rows)
 
-    async def read() -> tuple[list[Any], frozenset[str]]:
-        try:
-            return list(await store.drivers()), await store.draining()
-        finally:
-            await store.close()
 
-    try:
-        drivers, draining = asyncio.run(read())
-    except RegistryUnavailable as exc:
-        _fail(f"cannot reach the registry: {exc}", EXIT_STARTUP_FAILURE)
-    rows = [("ADDRESS", "POOL", "WEIGHT", "STATE")]
-    for d in sorted(drivers, key=lambda d: (d.pool, d.address)):
-        state = "draining" if d.address in draining and d.state.value == "active" else d.state.value
-        rows.append((d.address, d.pool, str(d.weight), state))
-    for address in sorted(draining - {d.address for d in drivers}):
-        rows.append((address, "-", "-", "draining (static or not registered)"))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    for r in rows:
-        click.echo("  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[3]]))
+@cli.command("sessions")
+@_target_options
+@click.option("--driver", help="only the sessions pinned to this driver (HOST:PORT).")
+@click.option("--session", "session_id", help="only this session.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="print the sessions as JSON.")
+def list_sessions(
+    admin: str | None,
+    registry: str | None,
+    admin_token: str | None,
+    driver: str | None,
+    session_id: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List pinned sessions: driver, pool, owner, created, moves."""
+    import json as jsonlib
+
+    control = _control(admin, registry, admin_token)
+    if session_id is not None:
+        found = _controlled(lambda: control.session(session_id))
+        if found is None:
+            _fail(f"no session {session_id!r} is pinned", 1)
+        sessions = [found]
+    else:
+        sessions = _controlled(lambda: control.sessions(driver, limit))
+    if as_json:
+        click.echo(jsonlib.dumps(sessions))
+        return
+    rows = [("SESSION", "DRIVER", "POOL", "OWNER", "CREATED", "MOVES")]
+    for s in sessions:
+        rows.append(
+            (
+                s["session_id"],
+                s["driver"],
+                s["pool"],
+                s["owner"] or "-",
+                s["created"] or "-",
+                str(s["moves"]),
+            )
+        )
+    _table(rows)
 
 
 def _check_port_free(listen: str) -> None:

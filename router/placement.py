@@ -19,8 +19,10 @@ Registry outage (degraded mode, `RegistryUnavailable` from any operation):
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DriverState, Event, EventKind, Pin
@@ -63,6 +65,10 @@ class PinCache:
         while len(self._pins) > self._capacity:
             self._pins.popitem(last=False)
 
+    def peek(self, session_id: str) -> Pin | None:
+        """The cached pin, leaving the LRU order alone."""
+        return self._pins.get(session_id)
+
     def replace(self, pin: Pin) -> None:
         """Update a pin only if this cache holds the session."""
         if pin.session_id in self._pins:
@@ -97,12 +103,14 @@ class Placement:
         self._active: set[str] = set()  # sessions used since the last flush
         self._pending: dict[str, Pin] = {}  # placed while the registry was down
         self.degraded = False
+        self.move_idle: frozenset[str] = frozenset()  # drivers drained with move-idle
 
-    def update_membership(self, rings: Rings) -> None:
-        """Swap in rings built from a new membership snapshot."""
+    def update_membership(self, rings: Rings, move_idle: frozenset[str] = frozenset()) -> None:
+        """Swap in rings built from a new membership snapshot (and the move-idle drains)."""
         self.rings = rings
+        self.move_idle = move_idle
 
-    async def place(self, session_id: str, pool: str | None) -> Pin:
+    async def place(self, session_id: str, pool: str | None, owner: str | None = None) -> Pin:
         """The pin of a session, creating it on the session's first call."""
         pin = self.cache.get(session_id)
         if pin is not None:
@@ -113,20 +121,22 @@ class Placement:
             pin = await self._registry.get_pin(session_id)
             source = "registry"
             if pin is None:
-                pin = await self._registry.bind(
-                    Pin(session_id, choose(session_id, pool, self.rings), pool)
-                )
+                pin = await self._registry.bind(self._new_pin(session_id, pool, owner))
                 source = "ring"
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
-            pin = Pin(session_id, choose(session_id, pool, self.rings), pool)
+            pin = self._new_pin(session_id, pool, owner)
             self._pending[session_id] = pin
             self.telemetry.pins_pending.set(len(self._pending))
             source = "degraded"
         self.telemetry.sessions_placed.labels(pin.pool, source).inc()
         self.cache.put(pin)
         return pin
+
+    def _new_pin(self, session_id: str, pool: str, owner: str | None) -> Pin:
+        address = choose(session_id, pool, self.rings)
+        return Pin(session_id, address, pool, owner=owner, created=time.time())
 
     def is_live(self, address: str) -> bool:
         """Whether a pinned session may keep using `address`.
@@ -141,18 +151,19 @@ class Placement:
         return not self.is_down(address)
 
     async def move(
-        self, pin: Pin, observed_id: str | None, keep_identity: bool
+        self, pin: Pin, observed_id: str | None, keep_identity: bool, reason: str = "driver_down"
     ) -> tuple[Pin, bool]:
-        """Move a session off its dead driver: (the pin in force, whether this call moved it).
+        """Move a session off its driver: (the pin in force, whether this call moved it).
 
         Compare-and-set on the registry pin: of several replicas moving one session, one
         wins and the others follow its pin. `keep_identity` records the server-side id the
         client saw (`observed_id`, or the alias of an earlier move) so the proxy can keep
-        showing it; without it Spark itself answers SESSION_CHANGED.
+        showing it; without it Spark itself answers SESSION_CHANGED. `reason` labels the
+        move in metrics and logs (driver_down, drain, admin).
         """
         target = choose(pin.session_id, pin.pool, self.rings)
         alias = (pin.server_side_id or observed_id) if keep_identity else None
-        new = Pin(pin.session_id, target, pin.pool, alias)
+        new = replace(pin, driver=target, server_side_id=alias, moves=pin.moves + 1)
         try:
             winner = await self._registry.move(pin.session_id, pin.driver, new)
         except RegistryUnavailable as exc:
@@ -165,8 +176,14 @@ class Placement:
         self.cache.put(winner)
         moved_here = winner == new
         if moved_here:
-            self.telemetry.sessions_moved.labels(pin.pool).inc()
-            log.info("session %s moved from %s to %s", pin.session_id, pin.driver, winner.driver)
+            self.telemetry.sessions_moved.labels(pin.pool, reason).inc()
+            log.info(
+                "session %s moved from %s to %s (%s)",
+                pin.session_id,
+                pin.driver,
+                winner.driver,
+                reason.replace("_", " "),
+            )
         return winner, moved_here
 
     async def release(self, session_id: str) -> None:
@@ -207,7 +224,9 @@ class Placement:
                     self.cache.replace(winner)
             active, self._active = self._active, set()
             if active:
-                await self._registry.touch(active)
+                pins = (self.cache.peek(s) for s in active)
+                drivers = {p.driver for p in pins if p is not None}
+                await self._registry.touch(active, drivers)
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)

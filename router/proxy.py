@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -59,6 +60,12 @@ _DROP_EXACT = frozenset(
 # Calls that only clean up: for a dead driver the router answers them itself (below).
 _NOTHING_TO_MOVE = frozenset({"ReleaseExecute", "ReleaseSession"})
 
+# Calls that start something new, rather than continue or clean up an operation: a session
+# on a driver drained with move-idle moves on one of these when nothing of it is running.
+_STARTS_FRESH = frozenset(
+    {"ExecutePlan", "AnalyzePlan", "Config", "AddArtifacts", "ArtifactStatus"}
+)
+
 # Methods whose successful calls may build session state worth replaying.
 _JOURNALED = frozenset({"Config", "ExecutePlan"})
 
@@ -97,6 +104,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self._health = health
         self._registry = registry
         self._settings = settings
+        self.open_streams: dict[str, int] = {}  # session -> its response streams open here
+        self._background: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             m.path: self._make_handler(m) for m in protocol.METHODS.values()
         }
@@ -162,6 +171,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> AsyncIterator[bytes]:
         info, pin, md, timeout = await self._route(method, request, context)
         call: Any = None
+        session_id = info.session_id
+        self.open_streams[session_id] = self.open_streams.get(session_id, 0) + 1
         try:
             for attempt in (1, 2):
                 call = self._upstreams.channel(pin.driver).unary_stream(method.path)(
@@ -187,6 +198,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             if entry is not None:  # a stream that ended without a result_complete message
                 await self._append(info, entry)
         finally:
+            if self.open_streams[session_id] <= 1:
+                del self.open_streams[session_id]
+            else:
+                self.open_streams[session_id] -= 1
             if call is not None and not call.done():
                 call.cancel()  # the client went away before the stream began
 
@@ -293,8 +308,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> Pin:
         """The session's pin, moving it (and replaying its state) if its driver is dead."""
         try:
-            pin = await self._placement.place(info.session_id, info.pool)
-            if self._placement.is_live(pin.driver) or method.name in _NOTHING_TO_MOVE:
+            pin = await self._placement.place(info.session_id, info.pool, info.user_id or None)
+            if self._placement.is_live(pin.driver):
+                if pin.driver in self._placement.move_idle:
+                    return await self._move_idle(method, first, info, md, pin)
+                return pin
+            if method.name in _NOTHING_TO_MOVE:
                 return pin
             keep = self._settings.migration == "replay"
             entries = await self._registry.journal(info.session_id) if keep else []
@@ -312,6 +331,60 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return pin
         except Exception as exc:
             await _abort(context, exc)
+
+    async def _move_idle(
+        self,
+        method: Method,
+        first: bytes,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        pin: Pin,
+    ) -> Pin:
+        """Move a session off a driver drained with move-idle, if it can go unnoticed now.
+
+        It goes only on a call that starts something new while none of its streams is open
+        here, with its identity kept and its state replayed; otherwise it stays (for now, or
+        until the driver is retired, when it moves as from a dead driver).
+        """
+        if (
+            method.name not in _STARTS_FRESH
+            or info.session_id in self.open_streams
+            or self._settings.migration != "replay"
+        ):
+            return pin
+        observed = pin.server_side_id or (
+            wire.read_string(first, method.observed_field) if method.observed_field else None
+        )
+        if observed is None:
+            return pin  # the client has not seen its server-side id yet: a later call will
+        entries = await self._registry.journal(info.session_id)
+        if entries is None:
+            return pin  # too much state to replay: stays until the driver is retired
+        try:
+            new, moved_here = await self._placement.move(pin, observed, True, reason="drain")
+        except NoLiveDriver:
+            return pin  # nowhere to go: the drained driver keeps it
+        if moved_here:
+            if entries:
+                await self._replay(new, entries, md)
+            task = asyncio.ensure_future(self._release_on(pin, md))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        return new
+
+    async def _release_on(self, pin: Pin, md: list[tuple[str, str | bytes]]) -> None:
+        """Close a moved session on the driver it left (best effort: the driver may be gone)."""
+        from pyspark.sql.connect.proto import base_pb2
+
+        request = base_pb2.ReleaseSessionRequest(session_id=pin.session_id)
+        request.user_context.user_id = pin.owner or ""
+        path = protocol.PATH_PREFIX + "ReleaseSession"
+        try:
+            await self._upstreams.channel(pin.driver).unary_unary(path)(
+                request.SerializeToString(), metadata=md, timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.info("session %s: release on %s failed: %s", pin.session_id, pin.driver, exc)
 
     async def _answer_for_dead_driver(
         self, method: Method, info: RequestInfo, request: bytes

@@ -20,7 +20,7 @@ import multiprocessing.process
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -29,7 +29,7 @@ import grpc.aio
 from prometheus_client import start_http_server
 
 from registry.base import Registry, RegistryUnavailable
-from registry.models import Driver, DriverState, EventKind
+from registry.models import DrainMode, Driver, DriverState, EventKind
 from router.config import Settings, split_host_port
 from router.placement import Placement
 from router.proxy import Proxy
@@ -79,7 +79,7 @@ class Replica:
         self.health = Health(settings, self._on_health_change)
         self._membership: tuple[Driver, ...] = ()
         self._dynamic: Sequence[Driver] = ()
-        self._draining: frozenset[str] = frozenset()
+        self._draining: Mapping[str, DrainMode] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
         self._metrics: Any = None  # the Prometheus HTTP server, when metrics_listen is set
@@ -104,8 +104,10 @@ class Replica:
         server = grpc.aio.server(
             options=[*channel_options(self.settings), ("grpc.so_reuseport", reuse_port)]
         )
-        proxy = Proxy(self.placement, self.upstreams, self.health, self.registry, self.settings)
-        server.add_generic_rpc_handlers((proxy,))
+        self.proxy = Proxy(
+            self.placement, self.upstreams, self.health, self.registry, self.settings
+        )
+        server.add_generic_rpc_handlers((self.proxy,))
         try:
             self.port = server.add_insecure_port(self.settings.listen)
         except RuntimeError as exc:
@@ -141,16 +143,17 @@ class Replica:
             self.placement.note_registry_error(exc)
         members = {d.address: d for d in self._static}
         members.update((d.address, d) for d in self._dynamic)
-        for address in self._draining & members.keys():  # operators' drain marks
+        for address in self._draining.keys() & members.keys():  # operators' drain marks
             if members[address].state is DriverState.ACTIVE:
                 members[address] = replace(members[address], state=DriverState.DRAINING)
         for address in self.health.down & members.keys():  # this replica's own probes
             members[address] = replace(members[address], state=DriverState.DOWN)
         membership = tuple(sorted(members.values(), key=lambda d: d.address))
-        if membership == self._membership:
+        move_idle = frozenset(a for a, m in self._draining.items() if m is DrainMode.MOVE_IDLE)
+        if membership == self._membership and move_idle == self.placement.move_idle:
             return
         self._membership = membership
-        self.placement.update_membership(Rings.build(membership))
+        self.placement.update_membership(Rings.build(membership), move_idle)
         self.telemetry.live_drivers.clear()
         for d in membership:
             if d.takes_new_sessions:

@@ -34,8 +34,9 @@ class Telemetry:
         )
         self.sessions_moved = Counter(
             "spark_router_sessions_moved",
-            "sessions moved off a dead driver by this replica (one per session and move)",
-            ["pool"],
+            "sessions moved to another driver by this replica (one per session and move), "
+            "by pool and reason (driver_down, drain, admin)",
+            ["pool", "reason"],
             registry=self.registry,
         )
         self.journal_overflows = Counter(

@@ -224,3 +224,46 @@ def test_strict_sessions_get_session_changed_never_an_empty_session(
         with contextlib.suppress(Exception):  # the session is gone by design
             spark.stop()
         router.stop()
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    proc = spawn(["-m", "router.cli", *args], capture_stderr=True)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out + err
+
+
+def test_drain_move_idle_moves_a_live_session_with_its_state(
+    drivers: LocalDrivers, redis_url: str
+) -> None:
+    router = Router(drivers, SPARK_ROUTER_REGISTRY=redis_url)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "7")
+        spark.sql("CREATE OR REPLACE TEMP VIEW sql_view AS SELECT id * 3 AS v FROM range(10)")
+        spark.range(5).selectExpr("id * 10 AS w").createOrReplaceTempView("df_view")
+        spark.udf.register("plus_one", lambda x: x + 1, "long")
+        query = "SELECT (SELECT sum(v) FROM sql_view) AS a, sum(plus_one(w)) AS b FROM df_view"
+        before = spark.sql(query).collect()
+        home = _victim_of(drivers, spark)
+
+        code, out = _cli("drain", home.address, "--registry", redis_url, "--move-idle")
+        assert code == 0 and "its 1 session(s) move with their state" in out, out
+        # The router hears of the mark by pub/sub; the session's next call moves it.
+        wait_until(
+            lambda: int(spark.conf.get(PORT_CONF)) != home.port,
+            15,
+            "the session to move off the drained driver",
+        )
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+        assert spark.sql(query).collect() == before
+        assert "(drain)" in router.log()
+
+        code, out = _cli("sessions", "--registry", redis_url, "--driver", home.address)
+        assert code == 0 and out.splitlines() == ["SESSION  DRIVER  POOL  OWNER  CREATED  MOVES"]
+        code, out = _cli(
+            "drain", home.address, "--registry", redis_url, "--move-idle", "--wait", "5"
+        )
+        assert code == 0 and "its 0 session(s)" in out, out
+    finally:
+        spark.stop()
+        router.stop()

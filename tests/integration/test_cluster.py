@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from loadtest.fake_driver import FakeDriver
 from registry import open_registry
-from registry.models import Driver
+from registry.models import DrainMode, Driver, Pin
 from router.config import Settings, load_settings
 from router.server import Replica
 from tests.helpers import eventually, spawn, stop
@@ -365,7 +366,7 @@ def test_drain_refuses_the_embedded_registry() -> None:
     )
     _, err = proc.communicate(timeout=30)
     stop(proc)
-    assert proc.returncode == 2 and "drain needs the registry the routers share" in err
+    assert proc.returncode == 2 and "memory:// is private to one replica" in err
 
 
 async def test_drivers_command_lists_registry_drivers_and_drain_marks(redis_url: str) -> None:
@@ -374,15 +375,58 @@ async def test_drivers_command_lists_registry_drivers_and_drain_marks(redis_url:
         await admin.upsert_driver(Driver("127.0.0.1:7001", pool="etl", weight=2), ttl=30)
         await admin.upsert_driver(Driver("127.0.0.1:7002"), ttl=30)
         await admin.set_draining("127.0.0.1:7002", True)
-        await admin.set_draining("127.0.0.1:7003", True)  # a static driver
+        await admin.set_draining("127.0.0.1:7003", True, DrainMode.MOVE_IDLE)  # a static driver
+        for n in range(3):
+            await admin.bind(Pin(f"s{n}", "127.0.0.1:7001", "etl", owner="ann"))
     finally:
         await admin.close()
-    proc = spawn(["-m", "router.cli", "drivers", "--registry", redis_url])
+    proc = spawn(["-m", "router.cli", "drivers", "--registry", redis_url, "--json"])
     out, _ = proc.communicate(timeout=30)
     stop(proc)
     assert proc.returncode == 0
-    lines = [line.split() for line in out.splitlines()]
-    assert lines[0] == ["ADDRESS", "POOL", "WEIGHT", "STATE"]
-    assert ["127.0.0.1:7002", "default", "1", "draining"] in lines
-    assert ["127.0.0.1:7001", "etl", "2", "active"] in lines
-    assert any(row[:2] == ["127.0.0.1:7003", "-"] and "draining" in row for row in lines)
+    by_address = {d["address"]: d for d in json.loads(out)}
+    assert by_address["127.0.0.1:7001"] == {
+        "address": "127.0.0.1:7001",
+        "pool": "etl",
+        "weight": 2,
+        "state": "active",
+        "registered": True,
+        "drain": None,
+        "sessions": 3,
+    }
+    assert by_address["127.0.0.1:7002"]["drain"] == "keep"
+    assert by_address["127.0.0.1:7003"]["drain"] == "move-idle"
+    assert by_address["127.0.0.1:7003"]["registered"] is False
+
+    proc = spawn(["-m", "router.cli", "drivers", "--registry", redis_url])
+    table, _ = proc.communicate(timeout=30)
+    stop(proc)
+    rows = [line.split() for line in table.splitlines()]
+    assert rows[0] == ["ADDRESS", "POOL", "WEIGHT", "STATE", "HEALTH", "DRAIN", "SESSIONS"]
+    assert ["127.0.0.1:7001", "etl", "2", "active", "-", "-", "3"] in rows
+
+
+async def test_sessions_command_lists_pins_with_owner(redis_url: str) -> None:
+    admin = open_registry(redis_url)
+    try:
+        await admin.bind(Pin("a1", "127.0.0.1:7001", owner="ann", created=0.0))
+        await admin.bind(Pin("b1", "127.0.0.1:7002", owner="bob"))
+    finally:
+        await admin.close()
+    proc = spawn(
+        ["-m", "router.cli", "sessions", "--registry", redis_url, "--driver", "127.0.0.1:7001"]
+    )
+    out, _ = proc.communicate(timeout=30)
+    stop(proc)
+    rows = [line.split() for line in out.splitlines()]
+    assert rows == [
+        ["SESSION", "DRIVER", "POOL", "OWNER", "CREATED", "MOVES"],
+        ["a1", "127.0.0.1:7001", "default", "ann", "1970-01-01T00:00:00+00:00", "0"],
+    ]
+    proc = spawn(
+        ["-m", "router.cli", "sessions", "--registry", redis_url, "--session", "nope"],
+        capture_stderr=True,
+    )
+    _, err = proc.communicate(timeout=30)
+    stop(proc)
+    assert proc.returncode == 1 and "no session 'nope'" in err

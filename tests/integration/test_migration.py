@@ -13,8 +13,10 @@ import pytest
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from loadtest.fake_driver import FakeDriver
+from registry.models import DrainMode, DriverState
 from router.config import load_settings
 from router.server import Replica
+from tests.helpers import eventually
 
 Stub = base_pb2_grpc.SparkConnectServiceStub
 PORT_KEY = "spark.connect.grpc.binding.port"
@@ -36,8 +38,11 @@ async def setup() -> AsyncIterator[tuple[list[FakeDriver], Replica, Stub]]:
         await d.stop()
 
 
-def _config(session: str, observed: str | None, *keys: str) -> base_pb2.ConfigRequest:
+def _config(
+    session: str, observed: str | None, *keys: str, user: str = ""
+) -> base_pb2.ConfigRequest:
     req = base_pb2.ConfigRequest(session_id=session)
+    req.user_context.user_id = user
     if observed is not None:
         req.client_observed_server_side_session_id = observed
     req.operation.get.keys.extend(keys or (PORT_KEY,))
@@ -77,7 +82,12 @@ async def test_cleanup_call_without_identity_does_not_move_and_identity_is_kept(
     )
     assert got.server_side_session_id == original
     assert [p.value for p in got.pairs] == [str(other.port), "7"]
-    assert replica.telemetry.value("spark_router_sessions_moved_total", pool="default") == 1
+    assert (
+        replica.telemetry.value(
+            "spark_router_sessions_moved_total", pool="default", reason="driver_down"
+        )
+        == 1
+    )
 
 
 async def test_no_driver_left_names_the_dead_one(
@@ -132,3 +142,102 @@ async def test_state_is_journaled_even_if_the_client_ends_the_stream_at_once() -
         driver.release.set()
         await replica.stop(0)
         await driver.stop()
+
+
+async def _home_and_other(
+    drivers: list[FakeDriver], stub: Stub, s: str
+) -> tuple[str, FakeDriver, FakeDriver]:
+    """Open session `s` with a conf set: (its server-side id, its driver, the other one)."""
+    set_conf = base_pb2.ConfigRequest(session_id=s)
+    set_conf.operation.set.pairs.add(key="spark.sql.shuffle.partitions", value="7")
+    set_conf.user_context.user_id = "ann"
+    original = (await stub.Config(set_conf)).server_side_session_id
+    port = int((await stub.Config(_config(s, original, user="ann"))).pairs[0].value)
+    home = next(d for d in drivers if d.port == port)
+    return original, home, next(d for d in drivers if d is not home)
+
+
+async def _drained(replica: Replica, address: str, mode: DrainMode) -> None:
+    await replica.registry.set_draining(address, True, mode)
+    await eventually(
+        lambda: replica.placement.rings.drivers[address].state is DriverState.DRAINING,
+        "the replica to see the drain mark",
+    )
+
+
+async def test_move_idle_moves_a_session_on_its_next_fresh_call(
+    setup: tuple[list[FakeDriver], Replica, Stub],
+) -> None:
+    drivers, replica, stub = setup
+    s = str(uuid.uuid4())
+    original, home, other = await _home_and_other(drivers, stub, s)
+    # A stream of the session is open here when the drain mark arrives.
+    slow = stub.ExecutePlan(
+        base_pb2.ExecutePlanRequest(
+            session_id=s,
+            client_observed_server_side_session_id=original,
+            user_context=base_pb2.UserContext(user_id="ann"),
+        ),
+        metadata=[("x-fake-delay-ms", "5000")],
+    )
+    reading = asyncio.ensure_future(slow.read())
+    await eventually(
+        lambda: any(c.method == "ExecutePlan" and c.session_id == s for c in home.calls),
+        "the stream to reach the driver",
+    )
+    await _drained(replica, home.address, DrainMode.MOVE_IDLE)
+
+    # While the stream is open, a fresh call does not move the session either.
+    got = await stub.Config(_config(s, original, user="ann"), timeout=10)
+    assert got.pairs[0].value == str(home.port)
+    slow.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    await eventually(lambda: s not in replica.proxy.open_streams, "the stream to end")
+
+    # A cleanup call continues what runs on the old driver: the session stays.
+    await stub.ReleaseExecute(
+        base_pb2.ReleaseExecuteRequest(
+            session_id=s,
+            operation_id="op-1",
+            client_observed_server_side_session_id=original,
+            user_context=base_pb2.UserContext(user_id="ann"),
+            release_all=base_pb2.ReleaseExecuteRequest.ReleaseAll(),
+        ),
+        timeout=10,
+    )
+    assert (await replica.registry.get_pin(s)).driver == home.address  # type: ignore[union-attr]
+
+    # Idle now: the next fresh call moves it, with its conf and the id the client knows.
+    got = await stub.Config(
+        _config(s, original, PORT_KEY, "spark.sql.shuffle.partitions", user="ann")
+    )
+    assert got.server_side_session_id == original
+    assert [p.value for p in got.pairs] == [str(other.port), "7"]
+    pin = await replica.registry.get_pin(s)
+    assert pin is not None and pin.driver == other.address and pin.moves == 1
+    assert pin.owner == "ann"
+    assert (
+        replica.telemetry.value("spark_router_sessions_moved_total", pool="default", reason="drain")
+        == 1
+    )
+    # ... and the driver it left is told to release it.
+    await eventually(
+        lambda: any(c.method == "ReleaseSession" and c.session_id == s for c in home.calls),
+        "a ReleaseSession on the drained driver",
+    )
+    assert await replica.registry.sessions(home.address) == []
+
+
+async def test_plain_drain_keeps_sessions_where_they_are(
+    setup: tuple[list[FakeDriver], Replica, Stub],
+) -> None:
+    drivers, replica, stub = setup
+    s = str(uuid.uuid4())
+    original, home, _ = await _home_and_other(drivers, stub, s)
+    await _drained(replica, home.address, DrainMode.KEEP)
+    got = await stub.Config(_config(s, original, user="ann"), timeout=10)
+    assert got.pairs[0].value == str(home.port)
+    fresh = str(uuid.uuid4())
+    got = await stub.Config(_config(fresh, None), timeout=10)
+    assert got.pairs[0].value != str(home.port)  # new sessions go elsewhere

@@ -100,10 +100,12 @@ async def test_every_key_carries_the_hash_tag(
         f"{tag}:drivers",
         f"{tag}:pin:s1",
         f"{tag}:pin:s2",
+        f"{tag}:sessions:d1:1",
+        f"{tag}:sessions:d2:1",
     ]
     assert len({key_slot(key.encode()) for key in [*keys, channel]}) == 1
     assert await admin.pubsub_channels() == [channel]
-    assert await admin.get(f"{tag}:pin:s1") == '["d1:1","gold"]'
+    assert await admin.get(f"{tag}:pin:s1") == '["d1:1","gold",null,null,null,0]'
     assert await admin.hgetall(f"{tag}:driver:d2:1") == {
         "pool": "gold",
         "weight": "1",
@@ -213,7 +215,8 @@ async def test_bind_is_one_command_on_the_server(
     from_client = [c["command"].split()[0].upper() for c in seen if c["client_type"] != "lua"]
     from_script = [c["command"].split()[0].upper() for c in seen if c["client_type"] == "lua"]
     assert from_client == ["EVALSHA", "EVALSHA", "GET"]
-    assert from_script == ["GET", "SET", "GET"]  # won: GET, SET; lost: GET only
+    # won: GET, SET and the driver's session list; lost: GET only
+    assert from_script == ["GET", "SET", "SADD", "PEXPIRE", "GET"]
 
 
 async def test_concurrency_is_bounded(redis_url: str, admin: aioredis.Redis) -> None:
@@ -471,7 +474,7 @@ async def test_unix_socket_url() -> None:
         try:
             assert isinstance(reg, RedisRegistry)
             await reg.bind(Pin("s1", "d1:1"))
-            assert await admin.get("{spark-router}:pin:s1") == '["d1:1","default"]'
+            assert await admin.get("{spark-router}:pin:s1") == '["d1:1","default",null,null,null,0]'
             addrs = [c["addr"] for c in await admin.client_list()]
             assert any(a.startswith(str(server.unixsocket)) for a in addrs), addrs
         finally:
@@ -496,7 +499,7 @@ async def test_sentinel_url(own_redis: RedisServer) -> None:
         try:
             assert isinstance(reg, RedisRegistry)
             await reg.bind(Pin("s1", "d1:1"))
-            assert await admin.get("{spark-router}:pin:s1") == '["d1:1","default"]'
+            assert await admin.get("{spark-router}:pin:s1") == '["d1:1","default",null,null,null,0]'
             assert 0 < await admin.pttl("{spark-router}:pin:s1") <= 30_000
             with pytest.raises(RegistryUnavailable, match="nope"):
                 await unknown.get_pin("s1")

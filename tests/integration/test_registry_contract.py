@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from registry.base import Registry
 from registry.memory import MemoryRegistry
-from registry.models import Driver, DriverState, Event, EventKind, Pin
+from registry.models import DrainMode, Driver, DriverState, Event, EventKind, Pin
 from registry.redis import RedisRegistry
 from tests.helpers import Listener
 
@@ -513,9 +513,51 @@ async def test_drain_marks_are_shared_and_announced(
     other = await store.peer(reg)
     listener = await listen(other)
     await reg.set_draining("d1:15002", True)
-    assert await other.draining() == {"d1:15002"}
+    assert await other.draining() == {"d1:15002": DrainMode.KEEP}
     event = await listener.next()
     assert event.kind is EventKind.DRIVER_CHANGED and event.driver is not None
     assert event.driver.address == "d1:15002"
+    await reg.set_draining("d1:15002", True, DrainMode.MOVE_IDLE)
+    assert await other.draining() == {"d1:15002": DrainMode.MOVE_IDLE}
     await reg.set_draining("d1:15002", False)
-    assert await other.draining() == frozenset()
+    assert await other.draining() == {}
+
+
+async def test_pins_keep_owner_created_and_moves(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    pin = Pin("s1", "d1:1", "gold", owner="ann", created=1_700_000_000.5)
+    await reg.bind(pin)
+    got = await other.get_pin("s1")
+    assert got is not None
+    assert (got.owner, got.created, got.moves) == ("ann", 1_700_000_000.5, 0)
+    moved = Pin("s1", "d2:1", "gold", "srv-1", owner="ann", created=1_700_000_000.5, moves=1)
+    await reg.move("s1", "d1:1", moved)
+    got = await other.get_pin("s1")
+    assert got == moved and got is not None and got.moves == 1 and got.owner == "ann"
+
+
+async def test_sessions_lists_the_pins_of_a_driver(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    for n in range(5):
+        await reg.bind(Pin(f"s{n}", "d1:1" if n < 3 else "d2:1"))
+    await reg.move("s0", "d1:1", Pin("s0", "d2:1"))
+    await reg.release("s1")
+    assert sorted(p.session_id for p in await other.sessions("d1:1")) == ["s2"]
+    assert sorted(p.session_id for p in await other.sessions("d2:1")) == ["s0", "s3", "s4"]
+    assert sorted(p.session_id for p in await other.sessions()) == ["s0", "s2", "s3", "s4"]
+    assert len(await other.sessions("d2:1", limit=2)) == 2
+    assert await other.sessions("nowhere:1") == []
+
+
+async def test_sessions_leaves_out_expired_pins(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    await reg.bind(Pin("old", "d1:1"))
+    await reg.bind(Pin("kept", "d1:1"))
+
+    async def old_gone() -> bool:
+        await reg.touch(["kept"], ["d1:1"])
+        return [p.session_id for p in await reg.sessions("d1:1")] == ["kept"]
+
+    await eventually(store, old_gone, "the untouched pin to leave the driver's sessions")

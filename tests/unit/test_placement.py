@@ -38,10 +38,10 @@ class CountingRegistry(MemoryRegistry):
         self.binds += 1
         return await super().bind(pin)
 
-    async def touch(self, session_ids: Collection[str]) -> None:
+    async def touch(self, session_ids: Collection[str], drivers: Collection[str] = ()) -> None:
         self._check()
         self.touched.append(set(session_ids))
-        await super().touch(session_ids)
+        await super().touch(session_ids, drivers)
 
     async def release(self, session_id: str) -> None:
         self._check()

@@ -1,0 +1,80 @@
+"""What operators ask of the cluster: drivers, sessions, drains — as plain JSON-ready records.
+
+The admin HTTP API (admin.py) and the `spark-router drivers | sessions | drain` commands
+(cli.py, talking to the registry directly or to a replica's admin API) share these, so a
+record looks the same whichever way it was fetched. Only registry reads and writes here;
+a replica adds its own health view on top.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from registry.base import Registry
+from registry.models import DrainMode, Pin
+
+# An operator's listing, not the hot path: enough for any real driver, still bounded.
+MAX_LISTED = 100_000
+
+
+def pin_record(pin: Pin) -> dict[str, Any]:
+    """A session's pin as the admin API and CLI show it."""
+    created = (
+        None
+        if pin.created is None
+        else dt.datetime.fromtimestamp(pin.created, dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    return {
+        "session_id": pin.session_id,
+        "driver": pin.driver,
+        "pool": pin.pool,
+        "owner": pin.owner,
+        "created": created,
+        "moves": pin.moves,
+        "server_side_id": pin.server_side_id,
+    }
+
+
+async def driver_records(registry: Registry, static: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Every driver the registry knows, or that is marked draining, with its session count."""
+    drivers = {d.address: d for d in await registry.drivers()}
+    marks = await registry.draining()
+    records = []
+    for address in sorted(drivers.keys() | marks.keys() | set(static)):
+        d = drivers.get(address)
+        sessions = await registry.sessions(address, limit=MAX_LISTED)
+        mode = marks.get(address)
+        records.append(
+            {
+                "address": address,
+                "pool": d.pool if d else None,
+                "weight": d.weight if d else None,
+                "state": d.state.value if d else None,
+                "registered": d is not None,
+                "drain": mode.value if mode else None,
+                "sessions": len(sessions),
+            }
+        )
+    return records
+
+
+async def session_records(
+    registry: Registry, driver: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Pins of one driver's sessions, or of any sessions, up to `limit`."""
+    pins = await registry.sessions(driver, limit=limit)
+    return [pin_record(p) for p in sorted(pins, key=lambda p: p.session_id)]
+
+
+async def session_record(registry: Registry, session_id: str) -> dict[str, Any] | None:
+    """One session's pin, or None."""
+    pin = await registry.get_pin(session_id)
+    return None if pin is None else pin_record(pin)
+
+
+async def set_drain(registry: Registry, address: str, mode: DrainMode | None) -> dict[str, Any]:
+    """Mark a driver draining in `mode`, or take the mark off (None); the resulting state."""
+    await registry.set_draining(address, mode is not None, mode or DrainMode.KEEP)
+    remaining = await registry.sessions(address, limit=MAX_LISTED)
+    return {"address": address, "drain": mode.value if mode else None, "sessions": len(remaining)}
