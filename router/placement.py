@@ -33,9 +33,9 @@ from router.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
-def choose(session_id: str, pool: str, rings: Rings) -> str:
-    """The driver a new session goes to; raise when the pool is unknown or has no driver."""
-    address = rings.pick(pool, session_id)
+def choose(session_id: str, pool: str, rings: Rings, avoid: str | None = None) -> str:
+    """The driver a new (or moving) session goes to; raise if the pool has no driver for it."""
+    address = rings.pick(pool, session_id, avoid)
     if address is None:
         if pool not in rings.pools:
             known = ", ".join(sorted(rings.pools)) or "none"
@@ -151,7 +151,12 @@ class Placement:
         return not self.is_down(address)
 
     async def move(
-        self, pin: Pin, observed_id: str | None, keep_identity: bool, reason: str = "driver_down"
+        self,
+        pin: Pin,
+        observed_id: str | None,
+        keep_identity: bool,
+        reason: str = "driver_down",
+        target: str | None = None,
     ) -> tuple[Pin, bool]:
         """Move a session off its driver: (the pin in force, whether this call moved it).
 
@@ -159,9 +164,13 @@ class Placement:
         wins and the others follow its pin. `keep_identity` records the server-side id the
         client saw (`observed_id`, or the alias of an earlier move) so the proxy can keep
         showing it; without it Spark itself answers SESSION_CHANGED. `reason` labels the
-        move in metrics and logs (driver_down, drain, admin).
+        move in metrics and logs (driver_down, drain, admin); `target` is the operator's
+        choice of driver, else the ring chooses.
         """
-        target = choose(pin.session_id, pin.pool, self.rings)
+        if target is None:
+            target = choose(pin.session_id, pin.pool, self.rings, avoid=pin.driver)
+        elif not self.is_live(target):
+            raise NoLiveDriver(f"driver {target} is down")
         alias = (pin.server_side_id or observed_id) if keep_identity else None
         new = replace(pin, driver=target, server_side_id=alias, moves=pin.moves + 1)
         try:

@@ -372,6 +372,45 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             task.add_done_callback(self._background.discard)
         return new
 
+    async def move_session(self, session_id: str, target: str | None = None) -> Pin:
+        """Move a session now (the admin API): its state replayed, its identity kept if known.
+
+        The server-side id its client saw comes from an earlier move, or from asking its
+        current driver as the session's owner; a session whose driver cannot say (dead), or
+        whose journal overflowed, moves strictly: Spark answers SESSION_CHANGED on its next call.
+        Raises LookupError for an unknown session, NoLiveDriver when there is nowhere to go.
+        """
+        pin = await self._registry.get_pin(session_id)
+        if pin is None:
+            raise LookupError(f"no session {session_id!r} is pinned")
+        if target == pin.driver:
+            return pin
+        entries = await self._registry.journal(session_id)
+        observed = pin.server_side_id or await self._server_side_id(pin)
+        keep = self._settings.migration == "replay" and entries is not None and observed is not None
+        new, moved_here = await self._placement.move(pin, observed, keep, "admin", target)
+        if moved_here:
+            if keep and entries:
+                await self._replay(new, entries, [])
+            await self._release_on(pin, [])
+        return new
+
+    async def _server_side_id(self, pin: Pin) -> str | None:
+        """The server-side id a session has on its driver (asked as its owner), or None."""
+        from pyspark.sql.connect.proto import base_pb2
+
+        request = base_pb2.ConfigRequest(session_id=pin.session_id)
+        request.user_context.user_id = pin.owner or ""
+        request.operation.is_modifiable.keys.append("spark.sql.shuffle.partitions")
+        try:
+            response = await self._upstreams.channel(pin.driver).unary_unary(
+                protocol.PATH_PREFIX + "Config"
+            )(request.SerializeToString(), timeout=10)
+        except grpc.aio.AioRpcError:
+            return None
+        field = protocol.METHODS["Config"].response_server_side_field
+        return wire.read_string(response, field) or None
+
     async def _release_on(self, pin: Pin, md: list[tuple[str, str | bytes]]) -> None:
         """Close a moved session on the driver it left (best effort: the driver may be gone)."""
         from pyspark.sql.connect.proto import base_pb2

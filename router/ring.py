@@ -47,10 +47,13 @@ class Rings:
         """Pools that have at least one driver (in any state)."""
         return frozenset(d.pool for d in self.drivers.values())
 
-    def pick(self, pool: str, key: str) -> str | None:
-        """The driver address a new session `key` goes to in `pool`, or None if none is live."""
+    def pick(self, pool: str, key: str, avoid: str | None = None) -> str | None:
+        """The driver a new session `key` goes to in `pool` (not `avoid`); None if none is live."""
         ring = self._rings.get(pool)
         if ring is None:
             return None
         node: str = ring.get_node(key)
-        return node
+        if node != avoid:
+            return node
+        # The next distinct driver along the ring: where the session would go without it.
+        return next((n for n in ring.iterate_nodes(key, distinct=True) if n != avoid), None)

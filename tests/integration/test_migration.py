@@ -241,3 +241,25 @@ async def test_plain_drain_keeps_sessions_where_they_are(
     fresh = str(uuid.uuid4())
     got = await stub.Config(_config(fresh, None), timeout=10)
     assert got.pairs[0].value != str(home.port)  # new sessions go elsewhere
+
+
+async def test_an_operator_move_keeps_identity_learned_from_the_driver(
+    setup: tuple[list[FakeDriver], Replica, Stub],
+) -> None:
+    drivers, replica, stub = setup
+    s = str(uuid.uuid4())
+    original, home, other = await _home_and_other(drivers, stub, s)
+    pin = await replica.proxy.move_session(s)
+    assert pin.driver == other.address and pin.server_side_id == original and pin.moves == 1
+    got = await stub.Config(
+        _config(s, original, PORT_KEY, "spark.sql.shuffle.partitions", user="ann")
+    )
+    assert got.server_side_session_id == original
+    assert [p.value for p in got.pairs] == [str(other.port), "7"]
+    assert any(c.method == "ReleaseSession" and c.session_id == s for c in home.calls)
+    assert (
+        replica.telemetry.value("spark_router_sessions_moved_total", pool="default", reason="admin")
+        == 1
+    )
+    with pytest.raises(LookupError):
+        await replica.proxy.move_session("no-such-session")

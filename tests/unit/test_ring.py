@@ -67,3 +67,16 @@ def test_pools_have_their_own_rings() -> None:
     assert rings.pick("etl", KEYS[0]) in {d.address for d in _drivers(2)}
     assert rings.pick("nope", KEYS[0]) is None
     assert rings.pools == {"etl", "bi"}
+
+
+def test_pick_can_avoid_a_driver_and_then_takes_the_next_along_the_ring() -> None:
+    rings = Rings.build([Driver(f"10.0.0.{n}:15002") for n in range(1, 5)])
+    for n in range(200):
+        key = f"s{n}"
+        first = rings.pick("default", key)
+        other = rings.pick("default", key, avoid=first)
+        assert other is not None and other != first
+        # Stable: the same key avoiding the same driver always lands on the same one.
+        assert rings.pick("default", key, avoid=first) == other
+    alone = Rings.build([Driver("10.0.0.1:15002")])
+    assert alone.pick("default", "s", avoid="10.0.0.1:15002") is None
