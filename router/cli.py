@@ -33,13 +33,11 @@ EXIT_CONFIG = 2
 log = logging.getLogger("spark_router")
 
 
-def configure_logging(level: str) -> None:
-    """Plain log lines on stderr."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def configure_logging(level: str, fmt: str = "auto") -> None:
+    """Log lines on stderr: JSON, or plain text on a terminal (router/logs.py)."""
+    from router import logs
+
+    logs.configure_logging(level, fmt)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -91,6 +89,11 @@ def cli() -> None:
 )
 @click.option("--workers", type=int, help="processes sharing the port (SO_REUSEPORT) [default: 1].")
 @click.option("--max-message-bytes", type=int, help="largest message forwarded [default: 128 MiB].")
+@click.option(
+    "--admin-listen",
+    help="HOST:PORT of /metrics, /healthz, /readyz and the admin API, or off "
+    "[default: 0.0.0.0:9464].",
+)
 @_config_option
 @_log_option
 def serve(
@@ -100,6 +103,7 @@ def serve(
     default_pool: str | None,
     workers: int | None,
     max_message_bytes: int | None,
+    admin_listen: str | None,
     config: Path | None,
     log_level: str | None,
 ) -> None:
@@ -112,12 +116,15 @@ def serve(
         default_pool=default_pool,
         workers=workers,
         max_message_bytes=max_message_bytes,
+        admin_listen=admin_listen,
         log_level=log_level,
     )
-    configure_logging(settings.log_level)
-    if not settings.drivers:
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.drivers and settings.registry.startswith("memory://"):
         _fail(
-            "no drivers: give --driver HOST:PORT (repeatable) or SPARK_ROUTER_DRIVERS", EXIT_CONFIG
+            "no drivers: give --driver HOST:PORT (repeatable), SPARK_ROUTER_DRIVERS, "
+            "or a shared --registry that agents register drivers in",
+            EXIT_CONFIG,
         )
     code = run_workers(settings) if settings.workers > 1 else run_replica(settings)
     sys.exit(code)
@@ -158,7 +165,7 @@ def up(
         spark_conf=spark_conf or None,
         log_level=log_level,
     )
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     sys.exit(run_up(settings))
 
 
@@ -485,6 +492,11 @@ def run_up(settings: Settings) -> int:
     drivers: local.LocalDrivers | None = None
     try:
         _check_port_free(settings.listen)
+        if settings.admin_host_port is not None:
+            try:
+                _check_port_free(settings.admin_listen)
+            except StartupError as exc:
+                raise StartupError(f"admin_listen: {exc} (admin_listen: off turns it off)") from exc
         local.check_java(settings.java_home)
         drivers = local.LocalDrivers(
             settings.local_drivers,

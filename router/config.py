@@ -13,10 +13,10 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -31,6 +31,8 @@ SPARK_MAX_MESSAGE_BYTES = 128 * MiB
 
 _HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _MEMORY = re.compile(r"^\d+[kmgtKMGT]?$")
+# The admin_listen value that turns the admin listener off.
+ADMIN_OFF = "off"
 
 
 class ConfigError(Exception):
@@ -135,8 +137,16 @@ class Settings(BaseSettings):
         100_000, ge=1, description="session pins each replica keeps in memory"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
-    metrics_listen: str | None = Field(
-        None, description="HOST:PORT serving Prometheus /metrics (off when unset; workers=1)"
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json lines, plain text, or auto: text on a terminal, else json"
+    )
+    admin_listen: str = Field(
+        "0.0.0.0:9464",
+        description="HOST:PORT of the admin HTTP listener (/metrics, /healthz, /readyz, "
+        "the admin API); off turns it off",
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token every admin API call must carry (unset: none)"
     )
     probe_interval_seconds: float = Field(
         2.0, gt=0, le=600, description="how often the router probes each driver"
@@ -196,16 +206,20 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not a registry URL ({', '.join(schemes)})")
         return value
 
-    @field_validator("metrics_listen")
+    @field_validator("admin_listen")
     @classmethod
-    def _check_metrics_listen(cls, value: str | None) -> str | None:
-        return None if not value else _check_address(value, allow_port_zero=True)
+    def _check_admin_listen(cls, value: str) -> str:
+        if value.strip().lower() == ADMIN_OFF:
+            return ADMIN_OFF
+        return _check_address(value, allow_port_zero=True)
 
-    @model_validator(mode="after")
-    def _metrics_need_one_worker(self) -> Settings:
-        if self.metrics_listen and self.workers > 1:
-            raise ValueError("metrics_listen works with workers=1 only (for now)")
-        return self
+    @field_validator("admin_token")
+    @classmethod
+    def _check_admin_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty token is most likely a missing secret: refuse it rather than run open.
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("must not be empty (unset it to run the admin API without a token)")
+        return value
 
     @field_validator("migration")
     @classmethod
@@ -249,6 +263,11 @@ class Settings(BaseSettings):
     def listen_host_port(self) -> tuple[str, int]:
         """The listen address split into host and port."""
         return split_host_port(self.listen)
+
+    @property
+    def admin_host_port(self) -> tuple[str, int] | None:
+        """The admin listener's address split into host and port; None when it is off."""
+        return None if self.admin_listen == ADMIN_OFF else split_host_port(self.admin_listen)
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

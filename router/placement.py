@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -45,11 +45,18 @@ def choose(session_id: str, pool: str, rings: Rings, avoid: str | None = None) -
 
 
 class PinCache:
-    """A bounded LRU of session → pin."""
+    """A bounded LRU of session → pin, counting its sessions per (pool, driver) for metrics."""
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._pins: OrderedDict[str, Pin] = OrderedDict()
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def _count(self, pin: Pin, delta: int) -> None:
+        key = (pin.pool, pin.driver)
+        self.counts[key] += delta
+        if not self.counts[key]:
+            del self.counts[key]
 
     def get(self, session_id: str) -> Pin | None:
         """The cached pin, refreshed as most recently used."""
@@ -60,10 +67,15 @@ class PinCache:
 
     def put(self, pin: Pin) -> None:
         """Cache a pin, evicting the least recently used one when full."""
+        old = self._pins.get(pin.session_id)
+        if old is not None:
+            self._count(old, -1)
         self._pins[pin.session_id] = pin
+        self._count(pin, 1)
         self._pins.move_to_end(pin.session_id)
         while len(self._pins) > self._capacity:
-            self._pins.popitem(last=False)
+            _, evicted = self._pins.popitem(last=False)
+            self._count(evicted, -1)
 
     def peek(self, session_id: str) -> Pin | None:
         """The cached pin, leaving the LRU order alone."""
@@ -71,12 +83,18 @@ class PinCache:
 
     def replace(self, pin: Pin) -> None:
         """Update a pin only if this cache holds the session."""
-        if pin.session_id in self._pins:
+        old = self._pins.get(pin.session_id)
+        if old is not None:
+            self._count(old, -1)
+            self._count(pin, 1)
             self._pins[pin.session_id] = pin
 
-    def drop(self, session_id: str) -> None:
-        """Forget a session."""
-        self._pins.pop(session_id, None)
+    def drop(self, session_id: str) -> Pin | None:
+        """Forget a session; its pin if it was cached."""
+        old = self._pins.pop(session_id, None)
+        if old is not None:
+            self._count(old, -1)
+        return old
 
     def __len__(self) -> int:
         return len(self._pins)
@@ -197,7 +215,8 @@ class Placement:
 
     async def release(self, session_id: str) -> None:
         """Forget a session everywhere (after a successful ReleaseSession)."""
-        self.cache.drop(session_id)
+        cached = self.cache.drop(session_id)
+        self.telemetry.sessions_released.labels(cached.pool if cached else "unknown").inc()
         self._active.discard(session_id)
         if self._pending.pop(session_id, None) is not None:
             self.telemetry.pins_pending.set(len(self._pending))
@@ -218,9 +237,11 @@ class Placement:
 
     async def flush(self) -> None:
         """Periodic registry work: write back pins of the outage, refresh TTLs in one batch."""
+        reached = False  # whether the registry answered anything this time
         try:
             for session_id, pin in list(self._pending.items()):
                 winner = await self._registry.bind(pin)
+                reached = True
                 del self._pending[session_id]
                 if winner != pin:
                     log.warning(
@@ -236,7 +257,9 @@ class Placement:
                 pins = (self.cache.peek(s) for s in active)
                 drivers = {p.driver for p in pins if p is not None}
                 await self._registry.touch(active, drivers)
-            self._registry_ok()
+                reached = True
+            if reached:
+                self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
         self.telemetry.pins_pending.set(len(self._pending))
@@ -245,6 +268,10 @@ class Placement:
     def needs_flush(self) -> bool:
         """Whether outage pins wait to be written back (flush at the next tick)."""
         return bool(self._pending) or self.degraded
+
+    def note_registry_ok(self) -> None:
+        """Another registry operation (membership) succeeded: the outage may be over."""
+        self._registry_ok()
 
     def note_registry_error(self, exc: RegistryUnavailable) -> None:
         """Count an error of another registry operation (membership, events)."""

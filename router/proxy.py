@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
 from typing import Any, NoReturn
@@ -35,6 +36,7 @@ from router.config import Settings
 from router.errors import BadRequest, DriverUnreachable, NoLiveDriver
 from router.placement import Placement
 from router.protocol import Method, RequestInfo, Shape
+from router.telemetry import CallObservation
 from router.upstreams import Health, Upstreams
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self._health = health
         self._registry = registry
         self._settings = settings
+        self._telemetry = placement.telemetry
         self.open_streams: dict[str, int] = {}  # session -> its response streams open here
         self._background: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
@@ -129,13 +132,49 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
 
     def _make_handler(self, method: Method) -> grpc.RpcMethodHandler:
         # partial() keeps the coroutine / async-generator nature grpc.aio inspects.
+        label = method.name if method.name in protocol.METHODS else "other"
+        handler: Any
         if method.shape is Shape.UNARY_UNARY:
-            return grpc.unary_unary_rpc_method_handler(partial(self._unary_unary, method))
+            handler = partial(self._observed_unary, self._unary_unary, method, label)
+            return grpc.unary_unary_rpc_method_handler(handler)
         if method.shape is Shape.UNARY_STREAM:
-            return grpc.unary_stream_rpc_method_handler(partial(self._unary_stream, method))
+            handler = partial(self._observed_stream, self._unary_stream, method, label)
+            return grpc.unary_stream_rpc_method_handler(handler)
         if method.shape is Shape.STREAM_UNARY:
-            return grpc.stream_unary_rpc_method_handler(partial(self._stream_unary, method))
-        return grpc.stream_stream_rpc_method_handler(partial(self._stream_stream, method))
+            handler = partial(self._observed_unary, self._stream_unary, method, label)
+            return grpc.stream_unary_rpc_method_handler(handler)
+        handler = partial(self._observed_stream, self._stream_stream, method, label)
+        return grpc.stream_stream_rpc_method_handler(handler)
+
+    # --- observation: metrics and the call's span around every shape --------------------------
+
+    async def _observed_unary(
+        self, handler: Any, method: Method, label: str, request: Any, context: Any
+    ) -> bytes:
+        obs = self._telemetry.begin(label, "unary", context.invocation_metadata())
+        code, details = grpc.StatusCode.OK, None
+        try:
+            response: bytes = await handler(method, request, context, obs)
+            return response
+        except BaseException as exc:
+            code, details = _status_of(exc, context)
+            raise
+        finally:
+            obs.end(code, details)
+
+    async def _observed_stream(
+        self, handler: Any, method: Method, label: str, request: Any, context: Any
+    ) -> AsyncIterator[bytes]:
+        obs = self._telemetry.begin(label, "stream", context.invocation_metadata())
+        code, details = grpc.StatusCode.OK, None
+        try:
+            async for response in handler(method, request, context, obs):
+                yield response
+        except BaseException as exc:
+            code, details = _status_of(exc, context)
+            raise
+        finally:
+            obs.end(code, details)
 
     # --- the four shapes ------------------------------------------------------------------
     # Unary-request shapes may be retried once on a new placement when the driver could
@@ -143,21 +182,29 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     # (their requests are consumed as they are forwarded).
 
     async def _unary_unary(
-        self, method: Method, request: bytes, context: grpc.aio.ServicerContext
+        self,
+        method: Method,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> bytes:
-        info, pin, md, timeout = await self._route(method, request, context)
+        info, pin, md, timeout = await self._route(method, request, context, obs)
         for attempt in (1, 2):
             if method.name in _NOTHING_TO_MOVE and not self._placement.is_live(pin.driver):
                 return await self._answer_for_dead_driver(method, info, request)
             call = self._upstreams.channel(pin.driver).unary_unary(method.path)(
-                self._outgoing(method, pin, request), metadata=md, timeout=timeout
+                self._outgoing(method, pin, request),
+                metadata=obs.forwarding(pin.driver, pin.pool, md),
+                timeout=timeout,
             )
             try:
                 await call
+                obs.first_response()
                 break
             except grpc.aio.AioRpcError as exc:
+                obs.first_response()
                 if attempt == 1 and await self._driver_died(exc, pin):
-                    pin = await self._placed(method, request, info, md, context)
+                    pin = await self._placed(method, request, info, md, context, obs)
                     continue
                 await self._relay_error(context, exc, pin)
         response = await self._relay_unary(context, call, pin)  # done: no second round trip
@@ -167,22 +214,30 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return self._incoming(method, pin, response)
 
     async def _unary_stream(
-        self, method: Method, request: bytes, context: grpc.aio.ServicerContext
+        self,
+        method: Method,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> AsyncIterator[bytes]:
-        info, pin, md, timeout = await self._route(method, request, context)
+        info, pin, md, timeout = await self._route(method, request, context, obs)
         call: Any = None
         session_id = info.session_id
         self.open_streams[session_id] = self.open_streams.get(session_id, 0) + 1
         try:
             for attempt in (1, 2):
                 call = self._upstreams.channel(pin.driver).unary_stream(method.path)(
-                    self._outgoing(method, pin, request), metadata=md, timeout=timeout
+                    self._outgoing(method, pin, request),
+                    metadata=obs.forwarding(pin.driver, pin.pool, md),
+                    timeout=timeout,
                 )
                 try:
                     first = await call.read()
+                    obs.first_response()
                 except grpc.aio.AioRpcError as exc:
+                    obs.first_response()
                     if attempt == 1 and await self._driver_died(exc, pin):
-                        pin = await self._placed(method, request, info, md, context)
+                        pin = await self._placed(method, request, info, md, context, obs)
                         continue
                     await self._relay_error(context, exc, pin)
                 break
@@ -190,7 +245,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             # client sees that: pyspark may end the call right then, which would cancel
             # anything this handler meant to do after its last message.
             entry = self._entry(method, request)
-            async for response in self._relay_stream(context, call, pin, first, method):
+            async for response in self._relay_stream(context, call, pin, first, method, obs):
                 if entry is not None and _completes(response):
                     await self._append(info, entry)
                     entry = None
@@ -210,15 +265,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         method: Method,
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> bytes:
         first = await self._first_request(method, requests, context)
-        info, pin, md, timeout = await self._route(method, first, context)
-        outgoing = self._outgoing_stream(method, pin, first, requests)
+        info, pin, md, timeout = await self._route(method, first, context, obs)
+        outgoing = self._outgoing_stream(method, pin, first, requests, obs)
         tape = _Tape(self._settings.journal_max_bytes) if method.name == journal.ARTIFACTS else None
         call = self._upstreams.channel(pin.driver).stream_unary(method.path)(
-            tape.record(outgoing) if tape else outgoing, metadata=md, timeout=timeout
+            tape.record(outgoing) if tape else outgoing,
+            metadata=obs.forwarding(pin.driver, pin.pool, md),
+            timeout=timeout,
         )
         response = await self._relay_unary(context, call, pin)
+        obs.first_response()
         if tape is not None and tape.overflowed:
             # An entry just over the cap marks the journal overflowed (sticky): strict.
             await self._append(info, bytes(self._settings.journal_max_bytes + 1))
@@ -232,13 +291,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         method: Method,
         requests: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> AsyncIterator[bytes]:
         first = await self._first_request(method, requests, context)
-        _, pin, md, timeout = await self._route(method, first, context)
+        _, pin, md, timeout = await self._route(method, first, context, obs)
         call = self._upstreams.channel(pin.driver).stream_stream(method.path)(
-            self._outgoing_stream(method, pin, first, requests), metadata=md, timeout=timeout
+            self._outgoing_stream(method, pin, first, requests, obs),
+            metadata=obs.forwarding(pin.driver, pin.pool, md),
+            timeout=timeout,
         )
-        async for response in self._relay_stream(context, call, pin, None, method):
+        async for response in self._relay_stream(context, call, pin, None, method, obs):
             yield response
 
     # --- moved sessions: identity, journal, replay ------------------------------------------
@@ -250,10 +312,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return wire.strip_field(request, method.observed_field)
 
     async def _outgoing_stream(
-        self, method: Method, pin: Pin, first: bytes, rest: AsyncIterator[bytes]
+        self,
+        method: Method,
+        pin: Pin,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        obs: CallObservation,
     ) -> AsyncIterator[bytes]:
+        obs.bytes_to_driver += len(first)
         yield self._outgoing(method, pin, first)
         async for request in rest:
+            obs.bytes_to_driver += len(request)
             yield self._outgoing(method, pin, request)
 
     def _incoming(self, method: Method, pin: Pin, response: bytes) -> bytes:
@@ -283,8 +352,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         except RegistryUnavailable as exc:
             self._placement.note_registry_error(exc)
             return
-        if not kept:
-            self._placement.telemetry.journal_overflows.inc()
+        if kept:
+            self._telemetry.journal_bytes.inc(len(entry))
+        else:
+            self._telemetry.journal_overflows.inc()
             log.warning(
                 "session %s built more than journal_max_bytes=%d of state: if its driver "
                 "dies it moves strictly (the client gets SESSION_CHANGED)",
@@ -305,13 +376,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         info: RequestInfo,
         md: list[tuple[str, str | bytes]],
         context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> Pin:
         """The session's pin, moving it (and replaying its state) if its driver is dead."""
         try:
             pin = await self._placement.place(info.session_id, info.pool, info.user_id or None)
             if self._placement.is_live(pin.driver):
                 if pin.driver in self._placement.move_idle:
-                    return await self._move_idle(method, first, info, md, pin)
+                    return await self._move_idle(method, first, info, md, pin, obs)
                 return pin
             if method.name in _NOTHING_TO_MOVE:
                 return pin
@@ -326,6 +398,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 pin, moved_here = await self._placement.move(pin, observed, keep)
             except NoLiveDriver as exc:
                 raise NoLiveDriver(f"driver {pin.driver} is down and {exc}") from exc
+            obs.moved = moved_here
             if moved_here and keep and entries:
                 await self._replay(pin, entries, md)
             return pin
@@ -339,6 +412,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         info: RequestInfo,
         md: list[tuple[str, str | bytes]],
         pin: Pin,
+        obs: CallObservation,
     ) -> Pin:
         """Move a session off a driver drained with move-idle, if it can go unnoticed now.
 
@@ -364,6 +438,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             new, moved_here = await self._placement.move(pin, observed, True, reason="drain")
         except NoLiveDriver:
             return pin  # nowhere to go: the drained driver keeps it
+        obs.moved = moved_here
         if moved_here:
             if entries:
                 await self._replay(new, entries, md)
@@ -450,6 +525,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self, pin: Pin, entries: list[bytes], md: list[tuple[str, str | bytes]]
     ) -> None:
         """Rebuild a moved session's state on its new driver, in the original order."""
+        start = time.perf_counter()
+        with self._telemetry.span(
+            "journal.replay", **{"spark.session_id": pin.session_id, "router.driver": pin.driver}
+        ) as span:
+            await self._replay_entries(pin, entries, md)
+            if span is not None:
+                span.set_attribute("router.replayed_calls", len(entries))
+        self._telemetry.replay_seconds.observe(time.perf_counter() - start)
+        log.info("session %s: replayed %d calls on %s", pin.session_id, len(entries), pin.driver)
+
+    async def _replay_entries(
+        self, pin: Pin, entries: list[bytes], md: list[tuple[str, str | bytes]]
+    ) -> None:
         channel = self._upstreams.channel(pin.driver)
         for raw in entries:
             entry = journal.JournalEntry.decode(raw)
@@ -472,12 +560,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     f"session {pin.session_id} moved to driver {pin.driver}, but replaying "
                     f"its state failed: {exc.code().name}: {exc.details()}"
                 ) from exc
-        log.info("session %s: replayed %d calls on %s", pin.session_id, len(entries), pin.driver)
 
     # --- shared steps -------------------------------------------------------------------
 
     async def _route(
-        self, method: Method, first: bytes, context: grpc.aio.ServicerContext
+        self,
+        method: Method,
+        first: bytes,
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
     ) -> tuple[RequestInfo, Pin, list[tuple[str, str | bytes]], float | None]:
         """Identify and place a call: (info, pin, metadata to forward, upstream timeout)."""
         raw_md = context.invocation_metadata()
@@ -485,8 +576,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             info = protocol.identify(method, _as_dict(raw_md), first)
         except Exception as exc:
             await _abort(context, exc)
+        if self._telemetry.tracer is not None:
+            obs.identified(info.session_id, info.user_id, _operation_id(method, first))
         md = forwardable(raw_md)
-        pin = await self._placed(method, first, info, md, context)
+        pin = await self._placed(method, first, info, md, context, obs)
         remaining = context.time_remaining()
         timeout = None if remaining is None or remaining > _NO_DEADLINE else max(remaining, 0.0)
         return info, pin, md, timeout
@@ -519,12 +612,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         pin: Pin,
         first: Any,
         method: Method,
+        obs: CallObservation,
     ) -> AsyncIterator[bytes]:
         """Relay a response stream one message at a time (`first` already read), then trailers."""
         try:
             await self._relay_initial(context, call)
             response = first if first is not None else await call.read()
+            obs.first_response()
             while response is not grpc.aio.EOF:
+                obs.bytes_to_client += len(response)
                 yield self._incoming(method, pin, response)
                 response = await call.read()
             context.set_trailing_metadata(tuple(await call.trailing_metadata() or ()))
@@ -549,6 +645,29 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context, DriverUnreachable(f"driver {pin.driver} (pool {pin.pool}): {details}")
             )
         await _end(context, code, details or "", tuple(exc.trailing_metadata() or ()))
+
+
+def _status_of(exc: BaseException, context: Any) -> tuple[grpc.StatusCode, str | None]:
+    """The status a call ended with when `exc` left its handler (an abort, a cancel, a bug)."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED, None
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code, context.details()
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status, context.details()
+    return grpc.StatusCode.UNKNOWN, None
+
+
+def _operation_id(method: Method, first: bytes) -> str | None:
+    """The operation a call is about, when its method names one (tracing only)."""
+    if method.operation_id_field is None:
+        return None
+    try:
+        return wire.read_string(first, method.operation_id_field)
+    except (wire.WireError, UnicodeDecodeError):
+        return None
 
 
 async def _end(

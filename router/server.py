@@ -2,7 +2,14 @@
 
 Lifecycle: start (bind, or fail with StartupError) → serve → stop. A first SIGTERM or
 SIGINT stops accepting calls and gives in-flight calls `shutdown_grace_seconds` to
-finish; a second one stops at once. Signal handlers only set flags.
+finish; a second one stops at once. Signal handlers only set flags. Shutdown runs in a
+fixed order: readiness off (/readyz 503, gRPC health NOT_SERVING), so load balancers take
+the replica out first; then the gRPC server stops with its grace; the admin listener
+(admin.py) goes last, so probes and /metrics answer until the end.
+
+The router port also serves the standard `grpc.health.v1.Health`: SERVING (overall, and
+for `spark.connect.SparkConnectService`) while some driver takes new sessions,
+NOT_SERVING otherwise and from the start of shutdown.
 
 With `workers > 1` a supervisor process runs that many replica processes sharing the
 listen port through SO_REUSEPORT (the kernel spreads connections); they are started with
@@ -18,23 +25,29 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
-from prometheus_client import start_http_server
+from grpc_health.v1 import health as grpc_health  # type: ignore[import-untyped]
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import multiprocess
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, DriverState, EventKind
-from router.config import Settings, split_host_port
+from router import protocol
+from router.admin import AdminListener
+from router.config import Settings
 from router.placement import Placement
 from router.proxy import Proxy
 from router.ring import Rings
-from router.telemetry import Telemetry
+from router.telemetry import MULTIPROC_ENV, InstrumentedRegistry, Telemetry
 from router.upstreams import Health, Upstreams, channel_options
 
 log = logging.getLogger(__name__)
@@ -66,7 +79,12 @@ class Replica:
         self.settings = settings
         self._static = [Driver(a) for a in (drivers if drivers is not None else settings.drivers)]
         self.telemetry = Telemetry()
-        self.registry: Registry = open_registry(settings.registry, pin_ttl=settings.pin_ttl_seconds)
+        self.registry: Registry = cast(
+            Registry,
+            InstrumentedRegistry(
+                open_registry(settings.registry, pin_ttl=settings.pin_ttl_seconds), self.telemetry
+            ),
+        )
         self.upstreams = Upstreams(settings)
         self.placement = Placement(
             self.registry,
@@ -76,13 +94,22 @@ class Replica:
             self.telemetry,
             is_down=lambda address: self.health.is_down(address),
         )
-        self.health = Health(settings, self._on_health_change)
+        self.health = Health(settings, self._on_health_change, telemetry=self.telemetry)
         self._membership: tuple[Driver, ...] = ()
         self._dynamic: Sequence[Driver] = ()
         self._draining: Mapping[str, DrainMode] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._server: grpc.aio.Server | None = None
-        self._metrics: Any = None  # the Prometheus HTTP server, when metrics_listen is set
+        self.static_drivers = tuple(d.address for d in self._static)
+        # grpc.health.v1.Health on the router port; its status follows membership.
+        self.grpc_health: Any = grpc_health.aio.HealthServicer()
+        self._serving: bool | None = None
+        self.shutting_down = False  # from the first moment of stop(): not ready
+        # Whether the last membership read reached the registry: readiness follows the
+        # registry within membership_poll_seconds even when no call touches it.
+        self.registry_reachable = True
+        self.admin: AdminListener | None = None
+        self.admin_port = 0
         self.port = 0
 
     @property
@@ -99,6 +126,9 @@ class Replica:
                 "or a shared --registry that agents register drivers in"
             )
         await self.refresh_membership()
+        # Probes and moves build requests with pyspark's protos, whose import takes a second:
+        # pay it now, not on the event loop of a replica that already says it is ready.
+        import pyspark.sql.connect.proto.base_pb2  # noqa: F401
 
         reuse_port = 1 if self.settings.workers > 1 else 0
         server = grpc.aio.server(
@@ -107,7 +137,10 @@ class Replica:
         self.proxy = Proxy(
             self.placement, self.upstreams, self.health, self.registry, self.settings
         )
+        # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
+        # rest), so the health service's calls reach its own handlers.
         server.add_generic_rpc_handlers((self.proxy,))
+        health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, server)
         try:
             self.port = server.add_insecure_port(self.settings.listen)
         except RuntimeError as exc:
@@ -116,19 +149,29 @@ class Replica:
             ) from exc
         await server.start()
         self._server = server
-        if self.settings.metrics_listen:
-            host, port = split_host_port(self.settings.metrics_listen)
-            self._metrics, _ = start_http_server(
-                port, host.strip("[]"), registry=self.telemetry.registry
-            )
+        admin = "off"
+        if self.settings.admin_host_port is not None:
+            listener = AdminListener(self)
+            try:
+                self.admin_port = await listener.start()
+            except OSError as exc:
+                await server.stop(0)
+                self._server = None
+                raise StartupError(
+                    f"cannot listen on admin_listen {self.settings.admin_listen}: "
+                    f"{exc.strerror or exc} (is the port in use? admin_listen: off turns it off)"
+                ) from exc
+            self.admin = listener
+            admin = f"http://{self.settings.admin_host_port[0]}:{self.admin_port}"
         self._tasks = [
             asyncio.ensure_future(self._watch_events()),
             asyncio.ensure_future(self._maintain()),
             asyncio.ensure_future(self.health.run(lambda: self.probe_targets)),
         ]
         log.info(
-            "spark-router listening on %s, registry %s, drivers: %s",
+            "spark-router listening on %s, admin %s, registry %s, drivers: %s",
             self.address,
+            admin,
             _redact(self.settings.registry),
             ", ".join(d.address for d in self._membership) or "none yet",
         )
@@ -139,7 +182,10 @@ class Replica:
         try:
             self._dynamic = await self.registry.drivers()
             self._draining = await self.registry.draining()
+            self.registry_reachable = True
+            self.placement.note_registry_ok()
         except RegistryUnavailable as exc:
+            self.registry_reachable = False
             self.placement.note_registry_error(exc)
         members = {d.address: d for d in self._static}
         members.update((d.address, d) for d in self._dynamic)
@@ -149,6 +195,18 @@ class Replica:
         for address in self.health.down & members.keys():  # this replica's own probes
             members[address] = replace(members[address], state=DriverState.DOWN)
         membership = tuple(sorted(members.values(), key=lambda d: d.address))
+        serving = any(d.takes_new_sessions for d in membership)
+        if serving is not self._serving:
+            if not serving:
+                log.warning("no driver takes new sessions: not ready, gRPC health NOT_SERVING")
+            elif self._serving is not None:
+                log.info("a driver takes new sessions again: ready, gRPC health SERVING")
+            self._serving = serving
+            status = health_pb2.HealthCheckResponse.SERVING
+            if not serving:
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+            for service in (grpc_health.OVERALL_HEALTH, protocol.SERVICE):
+                await self.grpc_health.set(service, status)  # ignored once shutdown began
         move_idle = frozenset(a for a, m in self._draining.items() if m is DrainMode.MOVE_IDLE)
         if membership == self._membership and move_idle == self.placement.move_idle:
             return
@@ -195,12 +253,17 @@ class Replica:
         while True:
             await asyncio.sleep(self.settings.membership_poll_seconds)
             await self.refresh_membership()
+            self.telemetry.set_sessions(self.placement.cache.counts)
             if self.placement.needs_flush or loop.time() >= next_flush:
                 await self.placement.flush()
                 next_flush = loop.time() + self.settings.pin_touch_interval_seconds
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting calls, let in-flight ones finish for `grace` seconds, close."""
+        """Readiness off, stop accepting calls, let in-flight ones finish for `grace`, close."""
+        if not self.shutting_down:
+            # First, so load balancers and kubelets take the replica out while calls drain.
+            self.shutting_down = True
+            await self.grpc_health.enter_graceful_shutdown()
         if self._server is not None:
             grace = self.settings.shutdown_grace_seconds if grace is None else grace
             await self._server.stop(grace)
@@ -213,11 +276,13 @@ class Replica:
         self._tasks = []
         with contextlib.suppress(RegistryUnavailable):
             await self.placement.flush()  # hand outage pins and TTLs over before leaving
-        if self._metrics is not None:
-            self._metrics.shutdown()
-            self._metrics = None
+        if self.admin is not None:
+            # Last of the listeners, before what its API uses (registry, upstreams) closes.
+            await self.admin.stop()
+            self.admin = None
         await self.upstreams.close()
         await self.registry.close()
+        self.telemetry.shutdown()  # flush the spans of the last calls
 
     async def __aenter__(self) -> Replica:
         await self.start()
@@ -259,7 +324,8 @@ async def serve_until_signal(replica: Replica, ready: asyncio.Event | None = Non
             ready.set()
         await stopping.wait()
         log.info(
-            "shutting down: draining calls for up to %ss", replica.settings.shutdown_grace_seconds
+            "shutting down: not ready any more; draining calls for up to %ss",
+            replica.settings.shutdown_grace_seconds,
         )
         stop = asyncio.ensure_future(replica.stop())
         force = asyncio.ensure_future(forced.wait())
@@ -288,9 +354,9 @@ def run_replica(settings: Settings) -> int:
 
 def _worker_main(settings: Settings, log_level: str) -> None:
     """Entry point of a worker process (spawned)."""
-    from router.cli import configure_logging
+    from router.logs import configure_logging
 
-    configure_logging(log_level)
+    configure_logging(log_level, settings.log_format)
     # Ctrl-C goes to the whole process group; only the supervisor acts on it and then
     # sends each worker one SIGTERM, so a worker never sees it as a second signal.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -310,6 +376,13 @@ def run_workers(settings: Settings) -> int:
         stopping = True
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Workers keep their metrics in files here, so /metrics of any worker sums them all;
+    # spawned workers import prometheus_client with this set, which is what switches it on.
+    own_metrics_dir = None
+    if not os.environ.get(MULTIPROC_ENV):
+        own_metrics_dir = tempfile.mkdtemp(prefix="spark-router-metrics-")
+        os.environ[MULTIPROC_ENV] = own_metrics_dir
+    metrics_dir = os.environ[MULTIPROC_ENV]
 
     def spawn() -> multiprocessing.process.BaseProcess:
         proc = ctx.Process(target=_worker_main, args=(settings, settings.log_level), daemon=False)
@@ -343,6 +416,8 @@ def run_workers(settings: Settings) -> int:
                     break
                 restarts.append(now)
                 log.warning("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
+                if proc.pid is not None:
+                    multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 workers[i] = spawn()
     finally:
         for proc in workers:
@@ -358,4 +433,7 @@ def run_workers(settings: Settings) -> int:
                 proc.join(timeout=5)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+            del os.environ[MULTIPROC_ENV]
     return exit_code

@@ -19,6 +19,7 @@ from registry.agent import HealthState, Probe, apply_probe
 from registry.agent import probe as agent_probe
 from registry.models import DriverState
 from router.config import Settings
+from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,11 @@ class Health:
         settings: Settings,
         on_change: Callable[[str, bool], Awaitable[None]],
         probe: Probe = agent_probe,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
         self._on_change = on_change
+        self._telemetry = telemetry
         self._probe = probe
         self._states: dict[str, HealthState] = {}
 
@@ -103,6 +106,8 @@ class Health:
         before = self._states.get(address, HealthState(DriverState.ACTIVE))
         after = apply_probe(before, ok, self._settings)
         self._states[address] = after
+        if self._telemetry is not None:
+            self._telemetry.probe(address, ok, after.state is not DriverState.DOWN)
         if after.state is not before.state:
             log.warning(
                 "driver %s is %s (%d probes in a row %s)",
@@ -138,4 +143,6 @@ class Health:
                 await self.report(address, ok)
             for gone in set(self._states) - set(targets):
                 del self._states[gone]
+                if self._telemetry is not None:
+                    self._telemetry.forget_driver(gone)
             await asyncio.sleep(self._settings.probe_interval_seconds)

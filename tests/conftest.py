@@ -4,6 +4,10 @@
 test (our own server only ever uses db 0, so that is a FLUSHALL in effect; on a server
 named by $REDIS_URL only that database is wiped, so point it at a throwaway one).
 Tests that stop, freeze or restart Redis start their own `RedisServer` instead.
+
+Every replica a test starts, in this process or as a subprocess (which inherits the
+environment), puts its admin listener on a free loopback port unless the test says
+otherwise: the default 0.0.0.0:9464 would collide between replicas and with the machine.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import pytest
 import redis
 
 from tests.redis_server import ExternalRedis, RedisServer
+
+os.environ.setdefault("SPARK_ROUTER_ADMIN_LISTEN", "127.0.0.1:0")
 
 
 @pytest.fixture(scope="session")

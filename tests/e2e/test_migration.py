@@ -57,14 +57,14 @@ class Router:
 
     def __init__(self, drivers: LocalDrivers, **env: str) -> None:
         self.port = free_port()
-        self.metrics_port = free_port()
+        self.admin_port = free_port()
         args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{self.port}"]
         for address in drivers.addresses:
             args += ["--driver", address]
         settings = {
             "SPARK_ROUTER_PROBE_INTERVAL_SECONDS": "0.5",
             "SPARK_ROUTER_PROBE_TIMEOUT_SECONDS": "1",
-            "SPARK_ROUTER_METRICS_LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "SPARK_ROUTER_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
             **env,
         }
         self.proc: subprocess.Popen[str] = spawn(args, env=settings)
@@ -81,8 +81,8 @@ class Router:
         return stderr_text(self.proc)
 
     def metric(self, name: str) -> float:
-        """One sample from the router's /metrics (0 when absent)."""
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        """One sample from the router's /metrics on its admin listener (0 when absent)."""
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()
         total = 0.0

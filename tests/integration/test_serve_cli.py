@@ -181,3 +181,34 @@ def test_bad_registry_url_exits_2() -> None:
     close_pipes(proc)
     assert proc.returncode == 2
     assert "registry: 'mongodb://x' is not a registry URL" in err
+
+
+def test_serve_with_a_registry_needs_no_static_driver(
+    fake_driver_proc: str, redis_url: str
+) -> None:
+    import asyncio
+
+    from registry import open_registry
+    from registry.models import Driver
+
+    async def register() -> None:
+        store = open_registry(redis_url)
+        try:
+            await store.upsert_driver(Driver(fake_driver_proc), ttl=60)
+        finally:
+            await store.close()
+
+    asyncio.run(register())
+    port = free_port()
+    proc = spawn(
+        [*CLI, "serve", "--listen", f"127.0.0.1:{port}", "--registry", redis_url],
+        env={"SPARK_ROUTER_DRIVERS": ""},
+    )
+    try:
+        wait_until(lambda: _accepts(port) or proc.poll() is not None, 30, "router to listen")
+        assert proc.poll() is None, stderr_of(proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            got = _binding_port(base_pb2_grpc.SparkConnectServiceStub(ch), str(uuid.uuid4()))
+        assert got == int(fake_driver_proc.rsplit(":", 1)[1])
+    finally:
+        assert stop(proc) == 0

@@ -87,3 +87,44 @@ def test_every_setting_is_documented_in_the_readme() -> None:
         assert description, f"{name} has no description"
         assert f"SPARK_ROUTER_{name.upper()}" in readme, f"{name} missing from README"
     assert set(Settings.model_fields) == {row[0] for row in settings_table()}
+
+
+def test_admin_listener_defaults_on_and_can_be_turned_off() -> None:
+    assert load_settings().admin_host_port == ("0.0.0.0", 9464)
+    assert load_settings(admin_listen="127.0.0.1:0").admin_host_port == ("127.0.0.1", 0)
+    off = load_settings(admin_listen="OFF")
+    assert off.admin_listen == "off" and off.admin_host_port is None
+    # One listener per worker process, sharing the port like the gRPC one.
+    assert load_settings(workers=4).admin_host_port == ("0.0.0.0", 9464)
+
+
+def test_bad_admin_listen_fails_with_one_clear_line() -> None:
+    with pytest.raises(ConfigError, match="admin_listen: 'nope' is not HOST:PORT"):
+        load_settings(admin_listen="nope")
+
+
+def test_admin_token_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPARK_ROUTER_ADMIN_TOKEN", "s3cret-token")
+    s = load_settings()
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in repr(s) and "s3cret-token" not in str(s.model_dump())
+    assert load_settings(admin_token=None).admin_token is not None  # unset flag: env holds
+    monkeypatch.delenv("SPARK_ROUTER_ADMIN_TOKEN")
+    assert load_settings().admin_token is None
+
+
+def test_an_empty_admin_token_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="admin_token: must not be empty"):
+        load_settings(admin_token=" ")
+
+
+def test_metrics_listen_is_gone() -> None:
+    with pytest.raises(ConfigError, match="metrics_listen: unknown setting"):
+        load_settings(metrics_listen="127.0.0.1:9000")
+
+
+def test_the_readme_table_lists_no_setting_that_is_gone() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    listed = {row.split("`")[1] for row in rows if "`SPARK_ROUTER_" in row}
+    assert listed == set(Settings.model_fields)

@@ -1,0 +1,331 @@
+"""The admin HTTP listener of a replica: /metrics, /healthz, /readyz and the admin API (JSON).
+
+Endpoints (`admin_listen`, default 0.0.0.0:9464; `off` turns the listener off):
+- `GET /metrics`: Prometheus text; with `--workers N` it sums every worker (telemetry.py).
+- `GET /healthz`: 200 while the process runs (a liveness probe: restart me if it fails).
+- `GET /readyz`: 200 `{"ready": true}` when the replica has a driver that takes new sessions
+  and a usable registry; else 503 `{"ready": false, "reasons": [...]}`. 503 from the moment
+  shutdown begins, while in-flight calls still drain, so load balancers take the replica
+  out before it stops accepting.
+- `/api/...`: drivers (with this replica's own health view), sessions, drain / undrain, move
+  a session; the records of operations.py, as `spark-router drivers | sessions | drain
+  --admin URL` (control.py) expects them.
+
+Invariants:
+- With `admin_token` set, every `/api/` request carries `Authorization: Bearer <token>`,
+  compared in constant time; otherwise 401. Probes and /metrics stay open (kubelets and
+  Prometheus carry no token). The token is never logged.
+- Every `/api/` answer is JSON; errors are `{"error": "..."}` with a fitting status: 400 bad
+  input, 401 no or wrong token, 404 unknown session or endpoint, 409 a move the cluster
+  cannot do as asked, 413 a body over 64 KiB, 503 registry unreachable or nowhere to move.
+  Nothing here crashes the replica; an unexpected error is a 500 logged once.
+- The API writes only through the registry (drain marks, pins), so every replica sees the
+  change; the replica answering also re-reads membership at once. With `--workers N`
+  each worker binds the port (SO_REUSEPORT) and answers for itself: probes and health
+  columns are that worker's view (with `memory://` so is the registry).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from registry.base import Registry, RegistryUnavailable
+from registry.models import DrainMode, Driver
+from router import operations
+from router.config import Settings, split_host_port
+from router.errors import RouterError
+from router.placement import Placement
+from router.proxy import Proxy
+from router.telemetry import Telemetry
+from router.upstreams import Health
+
+log = logging.getLogger(__name__)
+
+# How long in-flight admin requests (a move asks its driver, up to 10 s) may finish on stop.
+_SHUTDOWN_SECONDS = 5.0
+# Request bodies are a few fields; anything larger is a mistake or an attack (413).
+_MAX_BODY_BYTES = 64 * 1024
+_DEFAULT_LIMIT = 1000
+# A readiness answer names this many drivers at most: enough to see why, never a huge body.
+_NAMED_DRIVERS = 10
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Operated(Protocol):
+    """What the listener reads and acts on: a started replica (server.Replica)."""
+
+    settings: Settings
+    registry: Registry
+    telemetry: Telemetry
+    placement: Placement
+    health: Health
+    proxy: Proxy
+    static_drivers: tuple[str, ...]
+    shutting_down: bool
+    registry_reachable: bool
+
+    async def refresh_membership(self) -> None:
+        """Re-read drivers and drain marks now."""
+        ...
+
+
+def not_ready(drivers: Iterable[Driver], degraded: bool, shutting_down: bool) -> list[str]:
+    """Why a replica should get no new clients now; empty when it is ready."""
+    reasons = []
+    if shutting_down:
+        reasons.append("shutting down: finishing in-flight calls")
+    members = list(drivers)
+    if not any(d.takes_new_sessions for d in members):
+        shown = [f"{d.address} {d.state.value}" for d in members[:_NAMED_DRIVERS]]
+        if len(members) > _NAMED_DRIVERS:
+            shown.append(f"{len(members) - _NAMED_DRIVERS} more")
+        reasons.append(f"no driver takes new sessions ({', '.join(shown) or 'none known'})")
+    if degraded:
+        reasons.append("registry unreachable: new sessions are placed by the ring alone")
+    return reasons
+
+
+class ApiError(Exception):
+    """An admin API request that fails with `status`; str() is the message the caller sees."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return _json({"error": message}, status, headers)
+
+
+def _address(value: str, what: str) -> str:
+    """A HOST:PORT from the request, or a 400 naming `what`."""
+    try:
+        split_host_port(value)
+    except ValueError as exc:
+        raise ApiError(400, f"{what}: {exc}") from None
+    return value.strip()
+
+
+async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]:
+    """The request's JSON object (empty when there is no body); 400 when it is anything else."""
+    raw = await request.read()  # over client_max_size: 413 from aiohttp, made JSON by the guard
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        known = ", ".join(sorted(allowed)) or "none"
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)} (known: {known})")
+    return body
+
+
+class AdminListener:
+    """The HTTP listener of one replica; `start` binds it, `stop` closes it."""
+
+    def __init__(self, replica: Operated) -> None:
+        self._replica = replica
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+        token = replica.settings.admin_token
+        self._token = None if token is None else token.get_secret_value().encode()
+
+    def app(self) -> web.Application:
+        """The aiohttp application: probes, /metrics and the API."""
+        app = web.Application(middlewares=[self._api_guard], client_max_size=_MAX_BODY_BYTES)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/api/drivers", self._drivers)
+        app.router.add_post("/api/drivers/{address}/drain", self._drain)
+        app.router.add_delete("/api/drivers/{address}/drain", self._undrain)
+        app.router.add_get("/api/sessions", self._sessions)
+        app.router.add_get("/api/sessions/{session_id}", self._session)
+        app.router.add_post("/api/sessions/{session_id}/move", self._move)
+        return app
+
+    async def start(self) -> int:
+        """Bind `admin_listen` and serve; return the bound port. Raises OSError if it cannot."""
+        hp = self._replica.settings.admin_host_port
+        assert hp is not None, "admin_listen is off"
+        host, port = hp
+        # One access line per request would drown the log in probes and scrapes.
+        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS)
+        await runner.setup()
+        # Workers share the port like the gRPC one; a lone replica keeps the usual semantics.
+        reuse_port = True if self._replica.settings.workers > 1 else None
+        site = web.TCPSite(runner, host.strip("[]"), port, reuse_port=reuse_port)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; requests in flight get a few seconds to finish."""
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # --- guard: token and JSON errors for /api/ ---------------------------------------
+
+    @web.middleware
+    async def _api_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not (request.path == "/api" or request.path.startswith("/api/")):
+            return await handler(request)
+        if self._token is not None and not self._authorized(request, self._token):
+            return _error(
+                401,
+                "the admin API needs 'Authorization: Bearer <admin_token>'",
+                {"WWW-Authenticate": 'Bearer realm="spark-router"'},
+            )
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _error(exc.status, str(exc))
+        except RegistryUnavailable as exc:
+            return _error(503, f"registry unreachable: {exc}")
+        except web.HTTPException as exc:  # no such route (404) or method (405)
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", headers)
+        except Exception:
+            log.exception("admin API %s %s failed", request.method, request.path)
+            return _error(500, "internal error (see the router log)")
+
+    @staticmethod
+    def _authorized(request: web.Request, token: bytes) -> bool:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), token)
+
+    # --- probes and metrics -----------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return _json({"alive": True})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        r = self._replica
+        drivers = r.placement.rings.drivers.values()
+        degraded = r.placement.degraded or not r.registry_reachable
+        reasons = not_ready(drivers, degraded, r.shutting_down)
+        if reasons:
+            return _json({"ready": False, "reasons": reasons}, 503)
+        return _json({"ready": True})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body, content_type = self._replica.telemetry.exposition()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    # --- the API ------------------------------------------------------------------------
+
+    async def _drivers(self, request: web.Request) -> web.Response:
+        r = self._replica
+        records = await operations.driver_records(r.registry, r.static_drivers)
+        members = r.placement.rings.drivers
+        for record in records:
+            # This replica's own probes; None for a driver it does not probe (not a member).
+            address = record["address"]
+            known = address in members
+            record["health"] = None if not known else "down" if r.health.is_down(address) else "up"
+        return _json({"drivers": records})
+
+    async def _sessions(self, request: web.Request) -> web.Response:
+        query = request.query
+        unknown = sorted(set(query) - {"driver", "limit"})
+        if unknown:
+            raise ApiError(400, f"unknown parameter(s) {', '.join(unknown)} (known: driver, limit)")
+        driver = _address(query["driver"], "driver") if "driver" in query else None
+        raw_limit = query.get("limit", str(_DEFAULT_LIMIT))
+        try:
+            limit = int(raw_limit)
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= operations.MAX_LISTED:
+            top = operations.MAX_LISTED
+            raise ApiError(400, f"limit {raw_limit!r} is not a whole number from 1 to {top}")
+        records = await operations.session_records(self._replica.registry, driver, limit)
+        return _json({"sessions": records})
+
+    async def _session(self, request: web.Request) -> web.Response:
+        session_id = request.match_info["session_id"]
+        record = await operations.session_record(self._replica.registry, session_id)
+        if record is None:
+            raise ApiError(404, f"no session {session_id!r} is pinned")
+        return _json(record)
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        address = _address(request.match_info["address"], "driver")
+        body = await _body(request, frozenset({"mode"}))
+        raw_mode = body.get("mode", DrainMode.KEEP.value)
+        try:
+            mode = DrainMode(raw_mode)
+        except ValueError:
+            modes = " or ".join(m.value for m in DrainMode)
+            raise ApiError(400, f"mode {raw_mode!r} is not {modes}") from None
+        return _json(await self._set_drain(address, mode))
+
+    async def _undrain(self, request: web.Request) -> web.Response:
+        address = _address(request.match_info["address"], "driver")
+        return _json(await self._set_drain(address, None))
+
+    async def _set_drain(self, address: str, mode: DrainMode | None) -> dict[str, Any]:
+        result = await operations.set_drain(self._replica.registry, address, mode)
+        # Other replicas follow the registry's event; this one need not wait for it.
+        await self._replica.refresh_membership()
+        log.info(
+            "admin API: driver %s %s",
+            address,
+            "takes new sessions again" if mode is None else f"is draining ({mode.value})",
+        )
+        return result
+
+    async def _move(self, request: web.Request) -> web.Response:
+        r = self._replica
+        session_id = request.match_info["session_id"]
+        body = await _body(request, frozenset({"driver"}))
+        target = body.get("driver")
+        if target is not None and not isinstance(target, str):
+            raise ApiError(400, "driver must be a string HOST:PORT")
+        target = None if target is None else _address(target, "driver")
+        pin = await r.registry.get_pin(session_id)
+        if pin is None:
+            raise ApiError(404, f"no session {session_id!r} is pinned")
+        if target is not None and target != pin.driver:
+            # Placement follows any driver a pin names; an operator's typo must not become one.
+            driver = r.placement.rings.drivers.get(target)
+            if driver is None:
+                raise ApiError(409, f"driver {target} is not one of this replica's drivers")
+            if driver.pool != pin.pool:
+                raise ApiError(
+                    409,
+                    f"driver {target} is in pool {driver.pool!r}, the session in {pin.pool!r}",
+                )
+            if not driver.takes_new_sessions or r.health.is_down(target):
+                state = "down" if r.health.is_down(target) else driver.state.value
+                raise ApiError(409, f"driver {target} is {state}: it takes no new sessions")
+        try:
+            moved = await r.proxy.move_session(session_id, target)
+        except LookupError:  # released between the look-up and the move
+            raise ApiError(404, f"no session {session_id!r} is pinned") from None
+        except RouterError as exc:  # no live driver left in its pool
+            raise ApiError(503, f"cannot move session {session_id!r}: {exc}") from None
+        return _json(operations.pin_record(moved))
