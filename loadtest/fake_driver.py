@@ -204,6 +204,8 @@ class _Call:
             time_remaining=context.time_remaining(),
         )
         driver.calls.append(self.record)
+        if driver.keep_calls is not None and len(driver.calls) > 2 * driver.keep_calls:
+            del driver.calls[: -driver.keep_calls]  # amortised: trimmed once per keep_calls
         context.add_done_callback(self._on_done)
         self.echo = self._text(TRAILER_ECHO_HEADER)
         self.observed: str | None = None  # client_observed_server_side_session_id, if sent
@@ -369,8 +371,13 @@ class FakeDriver:
         batches: int = 1,
         batch_bytes: int = 64,
         check_observed_session_id: bool = False,
+        keep_calls: int | None = None,
     ) -> None:
-        """Configure the driver; nothing listens until :meth:`start`."""
+        """Configure the driver; nothing listens until :meth:`start`.
+
+        ``keep_calls`` bounds :attr:`calls` to about that many recent records (None: all),
+        so a long benchmark does not grow the fake without limit.
+        """
         if fail_status is not None:
             _status_code(fail_status)  # validate early
         if min(delay_ms, batches, batch_bytes, port) < 0:
@@ -384,6 +391,7 @@ class FakeDriver:
         self.check_observed_session_id = check_observed_session_id
         self.instance_id = uuid.uuid4()
         self.calls: list[CallRecord] = []
+        self.keep_calls = keep_calls
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._server: grpc.aio.Server | None = None
 
@@ -905,6 +913,12 @@ def _parser() -> argparse.ArgumentParser:
         help="fail like Spark (INVALID_HANDLE.SESSION_CHANGED) when a request's "
         "client_observed_server_side_session_id is not this driver's id",
     )
+    parser.add_argument(
+        "--keep-calls",
+        type=int,
+        default=10_000,
+        help="recent calls kept for inspection (bounds memory in long runs)",
+    )
     return parser
 
 
@@ -918,6 +932,7 @@ async def _serve(args: argparse.Namespace) -> None:
         batches=args.batches,
         batch_bytes=args.batch_bytes,
         check_observed_session_id=args.check_observed_session_id,
+        keep_calls=args.keep_calls,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

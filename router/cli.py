@@ -23,6 +23,7 @@ from router.server import (
     EXIT_STARTUP_FAILURE,
     Replica,
     StartupError,
+    run_async,
     run_replica,
     run_workers,
     serve_until_signal,
@@ -528,7 +529,7 @@ def run_up(settings: Settings) -> int:
             finally:
                 task.cancel()
 
-        asyncio.run(main())
+        run_async(main(), settings.event_loop)
         return 0
     except (StartupError, local.LocalDriverError) as exc:
         click.echo(f"spark-router: {exc}", err=True)

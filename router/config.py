@@ -137,6 +137,9 @@ class Settings(BaseSettings):
         100_000, ge=1, description="session pins each replica keeps in memory"
     )
     log_level: str = Field("info", description="debug, info, warning or error")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        "auto", description="uvloop when installed (auto), or force asyncio's own or uvloop"
+    )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto", description="json lines, plain text, or auto: text on a terminal, else json"
     )

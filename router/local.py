@@ -423,7 +423,14 @@ def _load_prctl() -> Callable[..., int] | None:
 _PRCTL = _load_prctl()
 
 
-def _child_setup(parent_pid: int) -> Callable[[], None] | None:
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; else nothing)."""
+    setup = child_setup(os.getppid())
+    if setup is not None:
+        setup()
+
+
+def child_setup(parent_pid: int) -> Callable[[], None] | None:
     """preexec_fn: die with SIGKILL when the parent goes away (Linux)."""
     prctl = _PRCTL
     if prctl is None:
@@ -502,7 +509,7 @@ def spawn(
             stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
             start_new_session=True,
-            preexec_fn=_child_setup(os.getpid()),
+            preexec_fn=child_setup(os.getpid()),
             close_fds=True,
         )
 

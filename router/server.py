@@ -29,9 +29,9 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
@@ -342,10 +342,29 @@ async def serve_until_signal(replica: Replica, ready: asyncio.Event | None = Non
             loop.remove_signal_handler(sig)
 
 
+T = TypeVar("T")
+
+
+def run_async(main: Coroutine[Any, Any, T], event_loop: str = "auto") -> T:
+    """Run `main` to completion on uvloop (auto: when installed) or asyncio's own loop.
+
+    uvloop took 4-9 % less router CPU per call in loadtest/bench.py (docs/benchmarks.md).
+    """
+    if event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if event_loop == "uvloop":
+                raise StartupError("event_loop is uvloop, but uvloop is not installed") from None
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def run_replica(settings: Settings) -> int:
     """Run one replica in this process until signalled; return the exit code."""
     try:
-        asyncio.run(serve_until_signal(Replica(settings)))
+        run_async(serve_until_signal(Replica(settings)), settings.event_loop)
     except StartupError as exc:
         log.error("%s", exc)
         return EXIT_STARTUP_FAILURE
@@ -354,8 +373,10 @@ def run_replica(settings: Settings) -> int:
 
 def _worker_main(settings: Settings, log_level: str) -> None:
     """Entry point of a worker process (spawned)."""
+    from router.local import die_with_parent
     from router.logs import configure_logging
 
+    die_with_parent()  # a SIGKILLed supervisor must not leave workers holding the port
     configure_logging(log_level, settings.log_format)
     # Ctrl-C goes to the whole process group; only the supervisor acts on it and then
     # sends each worker one SIGTERM, so a worker never sees it as a second signal.

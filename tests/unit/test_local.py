@@ -428,7 +428,7 @@ def test_spawn_survives_its_callers_thread() -> None:
 
     def naive() -> None:  # what spawn() avoids: fork from a short-lived thread
         children["naive"] = subprocess.Popen(
-            ["sleep", "300"], preexec_fn=local._child_setup(os.getpid())
+            ["sleep", "300"], preexec_fn=local.child_setup(os.getpid())
         )
 
     def via_spawn() -> None:
