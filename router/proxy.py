@@ -108,6 +108,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self._settings = settings
         self._telemetry = placement.telemetry
         self.open_streams: dict[str, int] = {}  # session -> its response streams open here
+        # ReleaseExecute(release_until) per (session, operation): one forward in flight, and
+        # the newest request that arrived meanwhile, sent when it is done.
+        self._releasing: set[tuple[str, str]] = set()
+        self._next_release: dict[tuple[str, str], tuple[Pin, bytes, Metadata]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             m.path: self._make_handler(m) for m in protocol.METHODS.values()
@@ -189,6 +193,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs: CallObservation,
     ) -> bytes:
         info, pin, md, timeout = await self._route(method, request, context, obs)
+        if method.name == "ReleaseExecute" and self._placement.is_live(pin.driver):
+            released = self._coalesce_release(method, info, pin, request, md)
+            if released is not None:
+                return released
         for attempt in (1, 2):
             if method.name in _NOTHING_TO_MOVE and not self._placement.is_live(pin.driver):
                 return await self._answer_for_dead_driver(method, info, request)
@@ -500,6 +508,55 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         except grpc.aio.AioRpcError as exc:
             log.info("session %s: release on %s failed: %s", pin.session_id, pin.driver, exc)
 
+    def _coalesce_release(
+        self, method: Method, info: RequestInfo, pin: Pin, request: bytes, md: Metadata
+    ) -> bytes | None:
+        """Answer a ReleaseExecute(release_until) at once; forward at most one per operation.
+
+        pyspark releases a result as it reads it, one call per response message (500+ for a
+        large toPandas), from a background thread that ignores the answers. `release_until` is
+        cumulative, so only the newest one waiting matters: while one is in flight to the
+        driver, later ones replace each other and the last goes when it is done. A
+        release_all goes through as itself (None here), dropping what waits.
+        """
+        operation = wire.read_string(request, method.operation_id_field or 0) or ""
+        key = (info.session_id, operation)
+        if wire.read_bytes(request, _RELEASE_UNTIL_FIELD) is None:
+            self._next_release.pop(key, None)
+            return None
+        if key in self._releasing:
+            if key in self._next_release:
+                self._telemetry.releases_coalesced.inc()
+            self._next_release[key] = (pin, request, md)
+        else:
+            self._releasing.add(key)
+            task = asyncio.ensure_future(self._forward_releases(method, key, pin, request, md))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        from pyspark.sql.connect.proto import base_pb2
+
+        answer = base_pb2.ReleaseExecuteResponse(session_id=info.session_id, operation_id=operation)
+        return self._incoming(method, pin, answer.SerializeToString())
+
+    async def _forward_releases(
+        self, method: Method, key: tuple[str, str], pin: Pin, request: bytes, md: Metadata
+    ) -> None:
+        """Send a release, then the newest one that arrived meanwhile, until none waits."""
+        try:
+            while True:
+                try:
+                    await self._upstreams.channel(pin.driver).unary_unary(method.path)(
+                        self._outgoing(method, pin, request), metadata=md, timeout=30
+                    )
+                except grpc.aio.AioRpcError as exc:  # the client would ignore it too
+                    log.debug("release for %s on %s: %s", key, pin.driver, exc.code().name)
+                waiting = self._next_release.pop(key, None)
+                if waiting is None:
+                    return
+                pin, request, md = waiting
+        finally:
+            self._releasing.discard(key)
+
     async def _answer_for_dead_driver(
         self, method: Method, info: RequestInfo, request: bytes
     ) -> bytes:
@@ -716,6 +773,9 @@ class _Tape:
                     self.messages.append(message)
             yield message
 
+
+# ReleaseExecuteRequest.release_until (a cumulative release, as opposed to release_all).
+_RELEASE_UNTIL_FIELD = 6
 
 # ExecutePlanResponse.result_complete: the last message of a successful execution.
 _RESULT_COMPLETE_FIELD = 14

@@ -200,6 +200,12 @@ class Telemetry:
             "sessions whose replayable state exceeded journal_max_bytes (they move strictly)",
             registry=r,
         )
+        self.releases_coalesced = Counter(
+            "spark_router_release_executes_coalesced",
+            "ReleaseExecute(release_until) calls answered by the router and never forwarded: "
+            "a newer one for the same operation superseded them",
+            registry=r,
+        )
         self.replay_seconds = Histogram(
             "spark_router_replay_duration_seconds",
             "replaying a moved session's journal on its new driver",

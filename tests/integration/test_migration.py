@@ -263,3 +263,51 @@ async def test_an_operator_move_keeps_identity_learned_from_the_driver(
     )
     with pytest.raises(LookupError):
         await replica.proxy.move_session("no-such-session")
+
+
+class ReleaseRecordingDriver(FakeDriver):
+    """A fake driver that keeps every ReleaseExecute it gets, and can hold them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.releases: list[str] = []  # response id released until, or "all"
+        self.gate = asyncio.Event()
+
+    async def ReleaseExecute(self, request: Any, context: Any) -> Any:
+        await self.gate.wait()
+        which = request.WhichOneof("release")
+        self.releases.append("all" if which == "release_all" else request.release_until.response_id)
+        return await super().ReleaseExecute(request, context)
+
+
+async def test_release_until_calls_are_answered_at_once_and_coalesced() -> None:
+    driver = ReleaseRecordingDriver()
+    await driver.start()
+    replica = Replica(load_settings(listen="127.0.0.1:0", drivers=[driver.address]))
+    await replica.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = Stub(channel)
+            s = str(uuid.uuid4())
+
+            def until(n: int) -> base_pb2.ReleaseExecuteRequest:
+                req = base_pb2.ReleaseExecuteRequest(session_id=s, operation_id="op-1")
+                req.release_until.response_id = f"r{n}"
+                return req
+
+            # The driver holds releases: every answer still comes at once, from the router.
+            for n in range(20):
+                got = await stub.ReleaseExecute(until(n), timeout=5)
+                assert got.operation_id == "op-1" and got.session_id == s
+            driver.gate.set()
+            await eventually(lambda: driver.releases[-1:] == ["r19"], "the newest release")
+            # Only the first (in flight while the others came) and the newest reached it.
+            assert driver.releases == ["r0", "r19"]
+            assert replica.telemetry.value("spark_router_release_executes_coalesced_total") == 18
+            release_all = base_pb2.ReleaseExecuteRequest(session_id=s, operation_id="op-1")
+            release_all.release_all.SetInParent()
+            await stub.ReleaseExecute(release_all, timeout=5)
+            assert driver.releases == ["r0", "r19", "all"]  # release_all goes through itself
+    finally:
+        await replica.stop(0)
+        await driver.stop()
