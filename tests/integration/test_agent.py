@@ -95,7 +95,8 @@ async def test_probe_is_a_spark_connect_config_call_with_a_deadline() -> None:
     assert call.method == "Config"
     assert (call.session_id, call.user_id) == (PROBE_SESSION_ID, PROBE_USER_ID)
     assert call.time_remaining is not None
-    assert 0 < call.time_remaining <= 1.5
+    # The deadline reached the driver (gRPC sends it rounded up a little, in its own units).
+    assert 0 < call.time_remaining <= 1.6
 
 
 async def test_probe_fails_on_refused_error_and_hung_drivers() -> None:
@@ -106,7 +107,8 @@ async def test_probe_fails_on_refused_error_and_hung_drivers() -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         assert not await probe(d.address, 0.2)
-        assert loop.time() - started < 1.5  # the deadline, not the driver, ended it
+        # The deadline, not the driver's 5 s delay, ended it (with room for a loaded machine).
+        assert loop.time() - started < 4.0
 
 
 # --------------------------------------------------------------------------- Agent
