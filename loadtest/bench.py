@@ -333,20 +333,6 @@ static_resources:
 {endpoints}
 """
 
-# The fake driver keeps a record of every call (tests read them); over a benchmark of a million
-# calls that list would grow by gigabytes and its garbage collections would show up as latency.
-# The benchmark keeps only the last thousand records.
-_FAKE_DRIVER_LAUNCHER = """\
-import collections, sys
-from loadtest import fake_driver
-_init = fake_driver.FakeDriver.__init__
-def _bounded(self, *args, **kwargs):
-    _init(self, *args, **kwargs)
-    self.calls = collections.deque(maxlen=1000)
-fake_driver.FakeDriver.__init__ = _bounded
-sys.exit(fake_driver.main())
-"""
-
 # spark-connect-proxy binds [::]:PORT (every interface); the benchmark keeps to loopback, so
 # its server's add_insecure_port is redirected to 127.0.0.1 before its own CLI runs. Nothing
 # on its call path changes.
@@ -474,8 +460,12 @@ def start_services(
             f"driver-{i}",
             [
                 py,
-                "-c",
-                _FAKE_DRIVER_LAUNCHER,
+                "-m",
+                "loadtest.fake_driver",
+                # Its call record would grow by gigabytes over a run, and GC pauses show up
+                # as latency: keep only the recent ones.
+                "--keep-calls",
+                "1000",
                 "--listen",
                 "127.0.0.1:0",
                 "--batches",

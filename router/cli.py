@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import click
 
 from router.config import ConfigError, Settings, load_settings, split_host_port
+from router.logs import configure_logging
 from router.server import (
     EXIT_STARTUP_FAILURE,
     Replica,
@@ -32,13 +33,6 @@ from router.server import (
 EXIT_CONFIG = 2
 
 log = logging.getLogger("spark_router")
-
-
-def configure_logging(level: str, fmt: str = "auto") -> None:
-    """Log lines on stderr: JSON, or plain text on a terminal (router/logs.py)."""
-    from router import logs
-
-    logs.configure_logging(level, fmt)
 
 
 def _fail(message: str, code: int) -> NoReturn:

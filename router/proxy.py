@@ -533,10 +533,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             task = asyncio.ensure_future(self._forward_releases(method, key, pin, request, md))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        from pyspark.sql.connect.proto import base_pb2
-
-        answer = base_pb2.ReleaseExecuteResponse(session_id=info.session_id, operation_id=operation)
-        return self._incoming(method, pin, answer.SerializeToString())
+        return self._incoming(method, pin, _released(info.session_id, operation))
 
     async def _forward_releases(
         self, method: Method, key: tuple[str, str], pin: Pin, request: bytes, md: Metadata
@@ -575,8 +572,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 base_pb2.ReleaseSessionResponse(session_id=info.session_id).SerializeToString()
             )
         operation = wire.read_string(request, method.operation_id_field or 0) or ""
-        answer = base_pb2.ReleaseExecuteResponse(session_id=info.session_id, operation_id=operation)
-        return bytes(answer.SerializeToString())
+        return _released(info.session_id, operation)
 
     async def _replay(
         self, pin: Pin, entries: list[bytes], md: list[tuple[str, str | bytes]]
@@ -702,6 +698,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context, DriverUnreachable(f"driver {pin.driver} (pool {pin.pool}): {details}")
             )
         await _end(context, code, details or "", tuple(exc.trailing_metadata() or ()))
+
+
+def _released(session_id: str, operation: str) -> bytes:
+    """The ReleaseExecuteResponse the router gives itself (no server-side id: pyspark accepts)."""
+    from pyspark.sql.connect.proto import base_pb2
+
+    answer = base_pb2.ReleaseExecuteResponse(session_id=session_id, operation_id=operation)
+    return bytes(answer.SerializeToString())
 
 
 def _status_of(exc: BaseException, context: Any) -> tuple[grpc.StatusCode, str | None]:
