@@ -1074,6 +1074,24 @@ def targets(
         ),
         ("router added p50 ÷ Envoy's added p50", added_router, "≤", 1.5),
         (
+            "router CPU/1k calls ÷ bare grpc.aio passthrough's (issue 10)",
+            _ratio(
+                m("throughput", "router", "cpu_ms_per_1k"),
+                m("throughput", "passthrough", "cpu_ms_per_1k"),
+            ),
+            "≤",
+            1.1,
+        ),
+        (
+            "router CPU/GB ÷ bare grpc.aio passthrough's (issue 10: no worse)",
+            _ratio(
+                m("stream", "router", "cpu_s_per_gb"),
+                m("stream", "passthrough", "cpu_s_per_gb"),
+            ),
+            "≤",
+            1.0,
+        ),
+        (
             "--workers 2 ÷ 1 worker throughput (per-worker CPU budget)",
             _ratio(m("scaling", "router-w2", "calls_per_s"), m("scaling", "router", "calls_per_s")),
             "≥",
@@ -1249,6 +1267,7 @@ def render(
     for a, b in (
         ("router", "direct"),
         ("router", "envoy"),
+        ("router", "passthrough"),
         ("router", "scp"),
         ("envoy", "scp"),
         ("router-w2", "router"),
@@ -1270,7 +1289,7 @@ def render(
         ratios.add_row(f"{a} ÷ {b}", *cells)
     console.print(ratios)
 
-    t = Table(title="Targets (issue 6)", title_justify="left")
+    t = Table(title="Targets (issues 6 and 10)", title_justify="left")
     for column in ("target", "measured", "bound", "verdict"):
         t.add_column(column, justify="left" if column == "target" else "right")
     for check in checks:

@@ -29,6 +29,12 @@ through request metadata, overriding the constructor defaults:
     on success send initial metadata ``x-fake-initial: V`` and trailing metadata
     ``x-fake-trailer: V``.
 
+Faults that no header can ask for — calls the router makes on its own, such as replaying a
+moved session's journal — are planned on the driver instead: ``fail_next(method, status,
+times=K, after=N, session_id=S)`` lets N more calls of ``method`` (of session S, if given:
+probes and other sessions pass untouched) through, then fails the next K with ``status``
+(the same Spark-like trailer as ``x-fake-status``), then serves normally again.
+
 Command line: ``python -m loadtest.fake_driver --listen 127.0.0.1:0`` prints
 ``fake driver listening on HOST:PORT`` once serving and stops cleanly on SIGTERM / SIGINT.
 """
@@ -40,7 +46,6 @@ import asyncio
 import functools
 import inspect
 import json
-import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,6 +57,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc, common_pb2, types_pb2
+
+from common.lifecycle import Signals
 
 __all__ = [
     "ABORT_AFTER_HEADER",
@@ -133,6 +140,17 @@ class _Operation:
         self.positions[response_id] = len(self.sent_ids)
         self.sent_ids.append(response_id)
         return response_id
+
+
+@dataclass
+class _Fault:
+    """Planned failures of one method: let ``skip`` calls through, then fail ``times``."""
+
+    code: grpc.StatusCode
+    details: str
+    skip: int
+    times: int
+    session_id: str | None  # only this session's calls count; None: every call
 
 
 @dataclass
@@ -300,6 +318,11 @@ class _Call:
                 if drain is not None:
                     await drain()
                 await self.abort_fake(code, self._text(DETAILS_HEADER) or "fake failure")
+        fault = self.driver._planned_fault(self.record.method, self.record.session_id)
+        if fault is not None:
+            if drain is not None:
+                await drain()
+            await self.abort_fake(fault.code, fault.details)
         if self.driver.check_observed_session_id:
             await self.check_observed()
         if self.echo is not None:
@@ -393,6 +416,7 @@ class FakeDriver:
         self.calls: list[CallRecord] = []
         self.keep_calls = keep_calls
         self._sessions: dict[tuple[str, str], _Session] = {}
+        self._faults: dict[str, _Fault] = {}  # method -> its planned failures
         self._server: grpc.aio.Server | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -477,6 +501,42 @@ class FakeDriver:
             f"fake driver {self.address}: condition still false after {timeout}s{error}: {name}\n"
             f"{len(self.calls)} call(s) recorded; the last ones:\n  {recent}"
         )
+
+    def fail_next(
+        self,
+        method: str,
+        status: str = "UNAVAILABLE",
+        *,
+        times: int = 1,
+        after: int = 0,
+        session_id: str | None = None,
+        details: str = "fake planned failure",
+    ) -> None:
+        """Let ``after`` more calls of ``method`` through, then fail ``times`` with ``status``.
+
+        With ``session_id`` only that session's calls count. Replaces any failures planned
+        for ``method`` before; ``times=0`` cancels them.
+        """
+        code = _status_code(status)
+        if times < 0 or after < 0:
+            raise ValueError("times and after must be >= 0")
+        if times == 0:
+            self._faults.pop(method, None)
+            return
+        self._faults[method] = _Fault(code, details, after, times, session_id)
+
+    def _planned_fault(self, method: str, session_id: str) -> _Fault | None:
+        """The failure planned for this call of ``method``, if any (consumes one)."""
+        fault = self._faults.get(method)
+        if fault is None or fault.session_id not in (None, session_id):
+            return None
+        if fault.skip:
+            fault.skip -= 1
+            return None
+        fault.times -= 1
+        if not fault.times:
+            del self._faults[method]
+        return fault
 
     def server_side_session_id(self, user_id: str, session_id: str) -> str:
         """The server-side session id this driver hands out for (user_id, session_id)."""
@@ -934,16 +994,13 @@ async def _serve(args: argparse.Namespace) -> None:
         check_observed_session_id=args.check_observed_session_id,
         keep_calls=args.keep_calls,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await driver.start()
-    print(f"fake driver listening on {driver.address}", flush=True)
-    try:
-        await stop.wait()
-    finally:
-        await driver.stop(grace=0.5)
+    async with Signals() as signals:
+        await driver.start()
+        print(f"fake driver listening on {driver.address}", flush=True)
+        try:
+            await signals.stopping.wait()
+        finally:
+            await driver.stop(grace=0.5)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

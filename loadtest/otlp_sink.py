@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
 import grpc.aio
+
+from common.lifecycle import Signals
 
 __all__ = ["Sink", "main"]
 
@@ -49,12 +50,9 @@ async def _serve(host: str, port: int) -> None:
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     print(f"otlp sink listening on {host}:{bound}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        async with Signals() as signals:
+            await signals.stopping.wait()
     finally:
         await server.stop(0.5)
         print(f"otlp sink: {sink.requests} exports, {sink.bytes} bytes", flush=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -23,6 +22,8 @@ from typing import Any
 
 import grpc
 import grpc.aio
+
+from common.lifecycle import Signals
 
 __all__ = ["Passthrough", "main"]
 
@@ -87,12 +88,9 @@ async def _serve(listen: str, upstream: str) -> None:
     port = server.add_insecure_port(listen)
     await server.start()
     print(f"passthrough listening on {host}:{port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        async with Signals() as signals:
+            await signals.stopping.wait()
     finally:
         await server.stop(0.5)
         await channel.close()

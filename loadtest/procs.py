@@ -11,7 +11,8 @@
   own, *without* PDEATHSIG, that holds the process groups of the children; when its stdin
   closes (the benchmark ended, however it ended) it SIGKILLs every group still registered.
 * CPU time of a process tree is utime + stime (fields 14 and 15 of ``/proc/<pid>/stat``, all
-  threads included) summed over the process and its live descendants.
+  threads included) summed over the process and its live descendants, as read by
+  :func:`common.procs.read_stat`, the one /proc reader.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from router.local import child_setup
+from common.procs import CLOCK_TICKS, child_setup, read_stat
+from common.procs import descendants as live_descendants
 
 __all__ = [
     "CLOCK_TICKS",
@@ -40,49 +42,16 @@ __all__ = [
     "wait_for",
 ]
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _read_stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state first), or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of one process (all its threads), in seconds; 0.0 if it is gone."""
-    fields = _read_stat(pid)
-    if fields is None or len(fields) < 13:
-        return 0.0
-    # After the name: state=3, ppid=4, ... utime=14, stime=15 (1-based over the whole line).
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    proc = read_stat(pid)
+    return 0.0 if proc is None else proc.cpu_seconds
 
 
 def descendants(pid: int) -> list[int]:
     """Live descendants of ``pid`` (children, grandchildren, ...), zombies excluded."""
-    children: dict[int, list[int]] = {}
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    for name in names:
-        if not name.isdigit():
-            continue
-        fields = _read_stat(int(name))
-        if fields is None or len(fields) < 2 or fields[0] in ("Z", "X"):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(name))
-    found: list[int] = []
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return sorted(found)
+    return [proc.pid for proc in live_descendants(pid)]
 
 
 def tree_cpu_seconds(pid: int) -> float:

@@ -31,6 +31,9 @@ from typing import Protocol
 
 from registry.models import DrainMode, Driver, Event, Pin
 
+DEFAULT_PIN_TTL = 2 * 3600.0
+"""Seconds an idle session's pin lives, for every store (`pin_ttl_seconds` sets it)."""
+
 
 class RegistryUnavailable(Exception):
     """The registry's backend cannot be reached right now."""

@@ -19,9 +19,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from registry.base import DEFAULT_PIN_TTL
 from registry.models import DrainMode, Driver, Event, EventKind, Pin, drain_marker
-
-DEFAULT_PIN_TTL = 2 * 3600.0
 
 _CLOSED = object()
 

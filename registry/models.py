@@ -9,15 +9,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from common.health import DriverState
+
+__all__ = ["DEFAULT_POOL", "DrainMode", "Driver", "DriverState", "Event", "EventKind", "Pin"]
+
 DEFAULT_POOL = "default"
-
-
-class DriverState(str, enum.Enum):
-    """Whether a driver takes new sessions."""
-
-    ACTIVE = "active"
-    DRAINING = "draining"
-    DOWN = "down"
 
 
 @dataclass(frozen=True)
@@ -56,6 +52,10 @@ class Pin:
     # For a session moved to another driver: the server-side session id its client saw
     # first, which the router keeps showing it (None: never moved, nothing rewritten).
     server_side_id: str | None = None
+    # A token unique to the move that wrote this pin (None: bound, never moved). Two replicas
+    # moving one session at once build pins that are otherwise equal; the token tells the
+    # one whose compare-and-set won from the one that lost (and must follow, not replay).
+    move_token: str | None = None
     # What operators see; not part of where calls go, so pins compare without them.
     owner: str | None = field(default=None, compare=False)  # user_id of the first call
     created: float | None = field(default=None, compare=False)  # unix time of the first call

@@ -5,7 +5,8 @@ Cluster hash tag, so every key and the channel hash to one slot and the Lua scri
 may touch them together):
 
     {P}:pin:<session_id>    string  JSON [driver address, pool, server-side id alias or null,
-                                    owner or null, created unix time or null, moves],
+                                    owner or null, created unix time or null, moves
+                                    (, move token: moved pins only)],
                                     PEXPIRE pin_ttl
     {P}:sessions:<address>  set     session ids pinned to the driver (members whose pin has
                                     expired are dropped when it is listed); PEXPIRE pin_ttl,
@@ -76,7 +77,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -88,8 +89,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
-from registry.base import RegistryUnavailable
-from registry.memory import DEFAULT_PIN_TTL
+from common.addresses import redact_url
+from registry.base import DEFAULT_PIN_TTL, RegistryUnavailable
 from registry.models import (
     DEFAULT_POOL,
     DrainMode,
@@ -328,7 +329,7 @@ class RedisRegistry:
             "socket_timeout": socket_timeout,
             "socket_connect_timeout": socket_connect_timeout,
         }
-        options.setdefault("location", redact(url))
+        options.setdefault("location", redact_url(url))
         # Commands are bounded by max_in_flight; the rest is room for events() subscriptions.
         max_connections = int(options.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)) + 64
         if scheme != "redis+sentinel":
@@ -686,16 +687,6 @@ class RedisRegistry:
             self._slots.release()
 
 
-def redact(url: str) -> str:
-    """The URL with its password replaced by ***, for logs and error messages."""
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    if not at or ":" not in userinfo:
-        return url
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
-
-
 def _describe(client: aioredis.Redis) -> str:
     """How error messages name the server of a client built elsewhere."""
     kwargs = client.connection_pool.connection_kwargs
@@ -733,16 +724,16 @@ def _parse_sentinel_url(
             host, port = item.strip(), str(DEFAULT_SENTINEL_PORT)
         host = host.strip("[]")
         if not host or not port.isdigit():
-            raise ValueError(f"bad Sentinel address {item!r} in {redact(url)}")
+            raise ValueError(f"bad Sentinel address {item!r} in {redact_url(url)}")
         hosts.append((host, int(port)))
     path = [p for p in parts.path.split("/") if p]
     if not path or len(path) > 2:
         raise ValueError(
             f"Sentinel URL must name the master: redis+sentinel://host:port/mastername[/db], "
-            f"got {redact(url)}"
+            f"got {redact_url(url)}"
         )
     if len(path) == 2 and not path[1].isdigit():
-        raise ValueError(f"bad database number {path[1]!r} in {redact(url)}")
+        raise ValueError(f"bad database number {path[1]!r} in {redact_url(url)}")
     return hosts, unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username, password
 
 
@@ -752,18 +743,28 @@ def _text(value: str | bytes) -> str:
 
 def _encode_pin(pin: Pin) -> str:
     # A list, so the Lua scripts find the driver as element 1 without field names.
-    fields = [pin.driver, pin.pool, pin.server_side_id, pin.owner, pin.created, pin.moves]
+    fields: list[Any] = [
+        pin.driver,
+        pin.pool,
+        pin.server_side_id,
+        pin.owner,
+        pin.created,
+        pin.moves,
+    ]
+    if pin.move_token is not None:  # only moved pins carry one; older readers ignore it
+        fields.append(pin.move_token)
     return json.dumps(fields, separators=(",", ":"))
 
 
 def _decode_pin(session_id: str, value: str | bytes) -> Pin:
-    fields = [*json.loads(value), None, None, None, None][:6]  # older pins: 2 or 3 fields
-    alias, owner, created, moves = fields[2:6]
+    fields = [*json.loads(value), None, None, None, None, None][:7]  # older pins: 2 to 6
+    alias, owner, created, moves, token = fields[2:7]
     return Pin(
         session_id,
         str(fields[0]),
         str(fields[1]),
         None if alias is None else str(alias),
+        None if token is None else str(token),
         None if owner is None else str(owner),
         None if created is None else float(created),
         int(moves or 0),

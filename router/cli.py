@@ -6,11 +6,7 @@ a driver that would not come up), 130/143 stopped by a signal during start-up.
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-import signal
-import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,19 +14,12 @@ from typing import Any, NoReturn
 
 import click
 
-from router.config import ConfigError, Settings, load_settings, split_host_port
+from common.addresses import split_host_port
+from common.lifecycle import EXIT_CONFIG, EXIT_STARTUP_FAILURE
+from router.config import ConfigError, Settings, load_settings
 from router.logs import configure_logging
-from router.server import (
-    EXIT_STARTUP_FAILURE,
-    Replica,
-    StartupError,
-    run_async,
-    run_replica,
-    run_workers,
-    serve_until_signal,
-)
-
-EXIT_CONFIG = 2
+from router.server import run_replica
+from router.supervisor import run_workers
 
 log = logging.getLogger("spark_router")
 
@@ -161,6 +150,8 @@ def up(
         log_level=log_level,
     )
     configure_logging(settings.log_level, settings.log_format)
+    from router.local.up import run_up
+
     sys.exit(run_up(settings))
 
 
@@ -222,7 +213,7 @@ def agent(
     log_level: str | None,
 ) -> None:
     """Run next to a Spark Connect driver: probe it, register it, heartbeat, deregister on exit."""
-    from registry.agent import AgentSettings, run_agent
+    from agent.sidecar import AgentSettings, run_agent
 
     configure_logging(log_level or "info")
     try:
@@ -261,7 +252,7 @@ def _target_options(fn: Any) -> Any:
 
 def _control(admin: str | None, registry: str | None, token: str | None) -> Any:
     from registry import open_registry
-    from router.control import AdminControl, RegistryControl
+    from router.admin.client import AdminControl, RegistryControl
 
     if admin:
         return AdminControl(admin, token)
@@ -277,7 +268,7 @@ def _control(admin: str | None, registry: str | None, token: str | None) -> Any:
 
 
 def _controlled(work: Any) -> Any:
-    from router.control import ControlError
+    from router.admin.client import ControlError
 
     try:
         return work()
@@ -451,89 +442,6 @@ def list_sessions(
             )
         )
     _table(rows)
-
-
-def _check_port_free(listen: str) -> None:
-    """Fail before the slow driver start-up if the router's port is taken."""
-    host, port = split_host_port(listen)
-    if port == 0:
-        return
-    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host.strip("[]"), port))
-        except OSError as exc:
-            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-            raise StartupError(f"cannot listen on {listen}: {reason}") from exc
-
-
-def _client_url(address: str) -> str:
-    host, port = split_host_port(address)
-    if host in ("0.0.0.0", "[::]", "::"):
-        host = "localhost"
-    return f"sc://{host}:{port}"
-
-
-def run_up(settings: Settings) -> int:
-    """`up`: drivers, then the router; everything stopped on the way out."""
-    from router import local
-
-    def on_term(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    # Until the router's own handlers take over, SIGTERM must unwind through the
-    # `finally` below so the drivers are stopped, not orphaned.
-    signal.signal(signal.SIGTERM, on_term)
-    drivers: local.LocalDrivers | None = None
-    try:
-        _check_port_free(settings.listen)
-        if settings.admin_host_port is not None:
-            try:
-                _check_port_free(settings.admin_listen)
-            except StartupError as exc:
-                raise StartupError(f"admin_listen: {exc} (admin_listen: off turns it off)") from exc
-        local.check_java(settings.java_home)
-        drivers = local.LocalDrivers(
-            settings.local_drivers,
-            memory=settings.driver_memory,
-            java_home=settings.java_home,
-            spark_conf=settings.spark_conf,
-            startup_timeout=settings.driver_startup_timeout_seconds,
-        )
-        click.echo(
-            f"Starting {settings.local_drivers} Spark Connect driver(s) "
-            f"(logs in {drivers.work_dir}) ...",
-            err=True,
-        )
-        addresses = drivers.start(progress=True)
-        replica = Replica(settings, drivers=addresses)
-        ready = asyncio.Event()
-
-        async def main() -> None:
-            async def announce() -> None:
-                await ready.wait()
-                url = _client_url(replica.address)
-                click.echo(f"\nSpark Connect router ready: {url}")
-                click.echo(f'  pyspark: SparkSession.builder.remote("{url}").getOrCreate()')
-                click.echo(f"  drivers: {', '.join(addresses)}    Ctrl-C stops everything\n")
-
-            task = asyncio.ensure_future(announce())
-            try:
-                await serve_until_signal(replica, ready)
-            finally:
-                task.cancel()
-
-        run_async(main(), settings.event_loop)
-        return 0
-    except (StartupError, local.LocalDriverError) as exc:
-        click.echo(f"spark-router: {exc}", err=True)
-        return EXIT_STARTUP_FAILURE
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if drivers is not None:
-            click.echo("Stopping drivers ...", err=True)
-            drivers.stop()
 
 
 def main() -> None:

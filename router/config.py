@@ -25,11 +25,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from common.addresses import split_host_port
+
 MiB = 1024 * 1024
 # pyspark and the Spark Connect server both accept messages up to 128 MiB.
 SPARK_MAX_MESSAGE_BYTES = 128 * MiB
 
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
 _MEMORY = re.compile(r"^\d+[kmgtKMGT]?$")
 # The admin_listen value that turns the admin listener off.
 ADMIN_OFF = "off"
@@ -37,17 +38,6 @@ ADMIN_OFF = "off"
 
 class ConfigError(Exception):
     """Settings could not be built; str() lists every problem, one per line."""
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """Split 'host:port' (or '[v6]:port') into its parts; raise ValueError when malformed."""
-    m = _HOST_PORT.match(value.strip())
-    if not m:
-        raise ValueError(f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:15002)")
-    port = int(m.group(2))
-    if port > 65535:
-        raise ValueError(f"{value!r}: port {port} is out of range")
-    return m.group(1), port
 
 
 def _comma_list(value: Any) -> Any:
@@ -163,6 +153,11 @@ class Settings(BaseSettings):
     recover_threshold: int = Field(
         2, ge=1, le=100, description="good probes in a row before a down driver is live again"
     )
+    max_ejection_percent: int = Field(
+        50,
+        description="share of a pool's drivers, in percent (at least one), probes alone may "
+        "mark down",
+    )
     migration: str = Field(
         "replay",
         description="replay: move sessions off a dead driver and replay their state; "
@@ -222,6 +217,13 @@ class Settings(BaseSettings):
         # An empty token is most likely a missing secret: refuse it rather than run open.
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("must not be empty (unset it to run the admin API without a token)")
+        return value
+
+    @field_validator("max_ejection_percent")
+    @classmethod
+    def _check_max_ejection_percent(cls, value: int) -> int:
+        if not 0 <= value <= 100:
+            raise ValueError(f"{value} is not a percentage from 0 to 100")
         return value
 
     @field_validator("migration")

@@ -8,7 +8,9 @@ else is a bug: INTERNAL with a generic message, logged once with its traceback.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import grpc
 
@@ -72,3 +74,16 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, f"spark-router: {exc}"
     log.error("unexpected error while handling a call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "spark-router: internal error (see the router log)"
+
+
+def status_of(exc: BaseException, context: Any) -> tuple[grpc.StatusCode, str | None]:
+    """The status a call ended with when `exc` left its handler (an abort, a cancel, a bug)."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return grpc.StatusCode.CANCELLED, None
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code, context.details()
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status, context.details()
+    return grpc.StatusCode.UNKNOWN, None

@@ -11,10 +11,7 @@ The router port also serves the standard `grpc.health.v1.Health`: SERVING (overa
 for `spark.connect.SparkConnectService`) while some driver takes new sessions,
 NOT_SERVING otherwise and from the start of shutdown.
 
-With `workers > 1` a supervisor process runs that many replica processes sharing the
-listen port through SO_REUSEPORT (the kernel spreads connections); they are started with
-the `spawn` method because gRPC does not survive fork. A worker that dies is restarted,
-a bounded number of times; Ctrl-C reaches the supervisor, which stops its workers in order.
+`--workers N` is supervisor.py's.
 """
 
 from __future__ import annotations
@@ -22,42 +19,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
-import multiprocessing.process
-import os
-import shutil
-import signal
-import tempfile
-import time
 from collections.abc import Coroutine, Mapping, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar, cast
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health as grpc_health  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import multiprocess
 
+from common.addresses import redact_url
+from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unless_forced
 from registry.base import Registry, RegistryUnavailable
-from registry.models import DrainMode, Driver, DriverState, EventKind
-from router import protocol
-from router.admin import AdminListener
+from registry.models import DrainMode, Driver, EventKind
+from router.admin.http import AdminListener
 from router.config import Settings
-from router.placement import Placement
-from router.proxy import Proxy
-from router.ring import Rings
-from router.telemetry import MULTIPROC_ENV, InstrumentedRegistry, Telemetry
-from router.upstreams import Health, Upstreams, channel_options
+from router.dataplane import protocol
+from router.dataplane.proxy import Proxy
+from router.health import Health
+from router.membership import merge
+from router.sessions.placement import Placement
+from router.sessions.ring import Rings
+from router.telemetry import InstrumentedRegistry, Telemetry
+from router.upstreams import Upstreams, channel_options
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_STARTUP_FAILURE = 3
-
-# A worker that keeps dying is a configuration or environment problem, not bad luck.
-_MAX_RESTARTS = 5
-_RESTART_WINDOW_SECONDS = 60.0
 
 
 class StartupError(Exception):
@@ -94,8 +79,14 @@ class Replica:
             self.telemetry,
             is_down=lambda address: self.health.is_down(address),
         )
-        self.health = Health(settings, self._on_health_change, telemetry=self.telemetry)
+        self.health = Health(
+            settings,
+            self._on_health_change,
+            telemetry=self.telemetry,
+            members=lambda: self.probe_targets,
+        )
         self._membership: tuple[Driver, ...] = ()
+        self._announced: tuple[Driver, ...] = ()  # the membership before this replica's verdicts
         self._dynamic: Sequence[Driver] = ()
         self._draining: Mapping[str, DrainMode] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -166,13 +157,13 @@ class Replica:
         self._tasks = [
             asyncio.ensure_future(self._watch_events()),
             asyncio.ensure_future(self._maintain()),
-            asyncio.ensure_future(self.health.run(lambda: self.probe_targets)),
+            asyncio.ensure_future(self.health.run()),
         ]
         log.info(
             "spark-router listening on %s, admin %s, registry %s, drivers: %s",
             self.address,
             admin,
-            _redact(self.settings.registry),
+            redact_url(self.settings.registry),
             ", ".join(d.address for d in self._membership) or "none yet",
         )
         return self.port
@@ -187,14 +178,29 @@ class Replica:
         except RegistryUnavailable as exc:
             self.registry_reachable = False
             self.placement.note_registry_error(exc)
-        members = {d.address: d for d in self._static}
-        members.update((d.address, d) for d in self._dynamic)
-        for address in self._draining.keys() & members.keys():  # operators' drain marks
-            if members[address].state is DriverState.ACTIVE:
-                members[address] = replace(members[address], state=DriverState.DRAINING)
-        for address in self.health.down & members.keys():  # this replica's own probes
-            members[address] = replace(members[address], state=DriverState.DOWN)
-        membership = tuple(sorted(members.values(), key=lambda d: d.address))
+        await self._apply_membership()
+
+    async def _apply_membership(self) -> None:
+        """Merge what is known into a snapshot; swap it in, close departed drivers' channels."""
+        # Everything up to the first await runs at once: whoever saw a health change (a
+        # call that just confirmed its driver dead) reads the new snapshot right after.
+        self._announced = merge(self._static, self._dynamic, self._draining, ())
+        membership = merge(self._static, self._dynamic, self._draining, self.health.down)
+        move_idle = frozenset(a for a, m in self._draining.items() if m is DrainMode.MOVE_IDLE)
+        if membership != self._membership or move_idle != self.placement.move_idle:
+            departed = {d.address for d in self._membership} - {d.address for d in membership}
+            self._membership = membership
+            self.placement.update_membership(Rings.build(membership), move_idle)
+            for address in sorted(departed):  # not merely down ones: they may come back
+                self.upstreams.discard(address)
+            self.telemetry.live_drivers.clear()
+            for d in membership:
+                if d.takes_new_sessions:
+                    self.telemetry.live_drivers.labels(d.pool).inc()
+            log.info(
+                "membership: %s",
+                ", ".join(f"{d.address} ({d.pool}, {d.state.value})" for d in membership) or "none",
+            )
         serving = any(d.takes_new_sessions for d in membership)
         if serving is not self._serving:
             if not serving:
@@ -207,26 +213,16 @@ class Replica:
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
             for service in (grpc_health.OVERALL_HEALTH, protocol.SERVICE):
                 await self.grpc_health.set(service, status)  # ignored once shutdown began
-        move_idle = frozenset(a for a, m in self._draining.items() if m is DrainMode.MOVE_IDLE)
-        if membership == self._membership and move_idle == self.placement.move_idle:
-            return
-        self._membership = membership
-        self.placement.update_membership(Rings.build(membership), move_idle)
-        self.telemetry.live_drivers.clear()
-        for d in membership:
-            if d.takes_new_sessions:
-                self.telemetry.live_drivers.labels(d.pool).inc()
-        log.info(
-            "membership: %s",
-            ", ".join(f"{d.address} ({d.pool}, {d.state.value})" for d in membership) or "none",
-        )
 
     @property
-    def probe_targets(self) -> list[str]:
-        """Drivers this replica probes: every member, down ones too (to see them recover)."""
-        return [d.address for d in self._membership]
+    def probe_targets(self) -> tuple[Driver, ...]:
+        """Every member as announced, down ones too (probed to see them recover)."""
+        # The registry's own states, without this replica's verdicts: the ejection cap must
+        # tell a driver its agent announced down from one only these probes hold down.
+        return self._announced
 
     async def _on_health_change(self, address: str, live: bool) -> None:
+        await self._apply_membership()  # before any registry round trip: see _apply_membership
         await self.refresh_membership()
 
     async def _watch_events(self) -> None:
@@ -297,49 +293,21 @@ _DRIVER_EVENTS = frozenset(
 )
 
 
-def _redact(url: str) -> str:
-    """A registry URL without its password, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if "@" in rest:
-        rest = "***@" + rest.split("@", 1)[1]
-    return scheme + sep + rest
-
-
 async def serve_until_signal(replica: Replica, ready: asyncio.Event | None = None) -> None:
     """Run `replica` until SIGTERM/SIGINT; a second signal cuts the grace period short."""
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    forced = asyncio.Event()
-
-    def on_signal() -> None:
-        if stopping.is_set():
-            forced.set()
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
+    async with Signals() as signals:
         await replica.start()
         if ready is not None:
             ready.set()
-        await stopping.wait()
+        await signals.stopping.wait()
         log.info(
             "shutting down: not ready any more; draining calls for up to %ss",
             replica.settings.shutdown_grace_seconds,
         )
-        stop = asyncio.ensure_future(replica.stop())
-        force = asyncio.ensure_future(forced.wait())
-        await asyncio.wait((stop, force), return_when=asyncio.FIRST_COMPLETED)
-        if not stop.done():
+        finished, _ = await finish_unless_forced(replica.stop(), signals)
+        if not finished:
             log.warning("second signal: stopping now")
-            stop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await stop
             await replica.stop(0)
-        force.cancel()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
 
 
 T = TypeVar("T")
@@ -369,92 +337,3 @@ def run_replica(settings: Settings) -> int:
         log.error("%s", exc)
         return EXIT_STARTUP_FAILURE
     return EXIT_OK
-
-
-def _worker_main(settings: Settings, log_level: str) -> None:
-    """Entry point of a worker process (spawned)."""
-    from router.local import die_with_parent
-    from router.logs import configure_logging
-
-    die_with_parent()  # a SIGKILLed supervisor must not leave workers holding the port
-    configure_logging(log_level, settings.log_format)
-    # Ctrl-C goes to the whole process group; only the supervisor acts on it and then
-    # sends each worker one SIGTERM, so a worker never sees it as a second signal.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise SystemExit(run_replica(settings))
-
-
-def run_workers(settings: Settings) -> int:
-    """Run `settings.workers` replica processes on one port; return the exit code."""
-    ctx = multiprocessing.get_context("spawn")
-    stopping = False
-    forced = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping, forced
-        if stopping:
-            forced = True
-        stopping = True
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    # Workers keep their metrics in files here, so /metrics of any worker sums them all;
-    # spawned workers import prometheus_client with this set, which is what switches it on.
-    own_metrics_dir = None
-    if not os.environ.get(MULTIPROC_ENV):
-        own_metrics_dir = tempfile.mkdtemp(prefix="spark-router-metrics-")
-        os.environ[MULTIPROC_ENV] = own_metrics_dir
-    metrics_dir = os.environ[MULTIPROC_ENV]
-
-    def spawn() -> multiprocessing.process.BaseProcess:
-        proc = ctx.Process(target=_worker_main, args=(settings, settings.log_level), daemon=False)
-        proc.start()
-        return proc
-
-    workers = [spawn() for _ in range(settings.workers)]
-    restarts: list[float] = []
-    exit_code = EXIT_OK
-    try:
-        while not stopping:
-            for i, proc in enumerate(workers):
-                proc.join(timeout=0.2 / len(workers))
-                if proc.exitcode is None or stopping:
-                    continue
-                if proc.exitcode == EXIT_STARTUP_FAILURE:
-                    log.error("worker %d could not start; stopping", proc.pid)
-                    exit_code = EXIT_STARTUP_FAILURE
-                    stopping = True
-                    break
-                now = time.monotonic()
-                restarts = [t for t in restarts if now - t < _RESTART_WINDOW_SECONDS]
-                if len(restarts) >= _MAX_RESTARTS:
-                    log.error(
-                        "workers died %d times within %ss; giving up",
-                        len(restarts) + 1,
-                        _RESTART_WINDOW_SECONDS,
-                    )
-                    exit_code = 1
-                    stopping = True
-                    break
-                restarts.append(now)
-                log.warning("worker %d exited with %s; restarting it", proc.pid, proc.exitcode)
-                if proc.pid is not None:
-                    multiprocess.mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
-                workers[i] = spawn()
-    finally:
-        for proc in workers:
-            if proc.exitcode is None and proc.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + settings.shutdown_grace_seconds + 5
-        for proc in workers:
-            while proc.exitcode is None and time.monotonic() < deadline and not forced:
-                proc.join(timeout=0.2)
-            if proc.exitcode is None:
-                proc.kill()
-                proc.join(timeout=5)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if own_metrics_dir is not None:
-            shutil.rmtree(own_metrics_dir, ignore_errors=True)
-            del os.environ[MULTIPROC_ENV]
-    return exit_code

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import grpc
@@ -36,6 +37,8 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+from router.errors import status_of
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +139,14 @@ class Telemetry:
             ["pool", "reason"],
             registry=r,
         )
+        self.replays_failed = Counter(
+            "spark_router_replays_failed",
+            "moved sessions whose state could not be replayed on the new driver, retry "
+            "included: they go on without their identity (Spark answers SESSION_CHANGED), "
+            "by pool and reason (driver_down, drain, admin)",
+            ["pool", "reason"],
+            registry=r,
+        )
         self.sessions_released = Counter(
             "spark_router_sessions_released",
             "sessions released (ReleaseSession) through this replica, by pool",
@@ -167,6 +178,13 @@ class Telemetry:
             "spark_router_probes",
             "health probes, by driver and result (ok, failed)",
             ["driver", "result"],
+            registry=r,
+        )
+        self.ejections_capped = Counter(
+            "spark_router_ejections_capped",
+            "times the ejection cap (max_ejection_percent) kept a driver whose probes failed "
+            "live, by pool (once per refused ejection: each failed probe of a held driver)",
+            ["pool"],
             registry=r,
         )
         # --- registry
@@ -212,12 +230,12 @@ class Telemetry:
             buckets=_CALL_BUCKETS,
             registry=r,
         )
-        self._children: dict[tuple[str, str], Any] = {}
         # labels() takes a lock and walks a dict: the hot path uses these children instead.
         self.in_flight_of = {k: self.in_flight.labels(k) for k in ("unary", "stream")}
         self.bytes_to_client = self.bytes.labels("to_client")
         self.bytes_to_driver = self.bytes.labels("to_driver")
         self._timers: dict[str, tuple[Any, Any, Any]] = {}
+        self._methods: dict[str, MethodMetrics] = {}
         self.tracer: Any = None
         self._provider: Any = None
         self.use_tracer_provider(tracer_provider if tracer_provider else tracer_provider_from_env())
@@ -256,14 +274,6 @@ class Telemetry:
         with contextlib.suppress(KeyError):
             self.driver_up.remove(driver)
 
-    def count_call(self, method: str, code: str) -> None:
-        """One finished call (children cached: labels() is a lock and a dict walk)."""
-        key = (method, code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.calls.labels(method, code)
-        child.inc()
-
     def timers(self, method: str) -> tuple[Any, Any, Any]:
         """The call, route and driver histograms of a method (cached children)."""
         found = self._timers.get(method)
@@ -293,7 +303,14 @@ class Telemetry:
 
     def begin(self, method: str, kind: str, metadata: Metadata | None) -> CallObservation:
         """Start observing one call."""
-        return CallObservation(self, method, kind, metadata)
+        return CallObservation(self, self.method_metrics(method), kind, metadata)
+
+    def method_metrics(self, method: str) -> MethodMetrics:
+        """The metric children of one method, bound once (the proxy keeps one per handler)."""
+        found = self._methods.get(method)
+        if found is None:
+            found = self._methods[method] = MethodMetrics(self, method)
+        return found
 
     def shutdown(self) -> None:
         """Flush and stop the trace exporter."""
@@ -331,11 +348,35 @@ def tracer_provider_from_env() -> Any:
     return provider
 
 
+class MethodMetrics:
+    """One method's metric children, resolved once: a call then costs no label lookup."""
+
+    __slots__ = ("_codes", "_t", "call_seconds", "driver_seconds", "method", "route_seconds")
+
+    def __init__(self, telemetry: Telemetry, method: str) -> None:
+        self._t = telemetry
+        self.method = method
+        self.call_seconds, self.route_seconds, self.driver_seconds = telemetry.timers(method)
+        # Indexed by the status code's number (0-16): a list, not a dict, per finished call.
+        self._codes: list[Any] = [None] * (max(c.value[0] for c in grpc.StatusCode) + 1)
+
+    def count(self, code: grpc.StatusCode) -> None:
+        """One finished call with `code`."""
+        number = code.value[0]
+        child = self._codes[number]
+        if child is None:
+            child = self._codes[number] = self._t.calls.labels(self.method, code.name)
+        child.inc()
+
+
 class CallObservation:
     """One call as metrics and traces see it: timestamps, bytes, its span."""
 
     __slots__ = (
         "_client_span",
+        "_context",
+        "_in_flight",
+        "_m",
         "_server_span",
         "_t",
         "_token",
@@ -349,9 +390,18 @@ class CallObservation:
         "waiting_first",
     )
 
-    def __init__(self, telemetry: Telemetry, method: str, kind: str, md: Metadata | None) -> None:
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        metrics: MethodMetrics,
+        kind: str,
+        md: Metadata | None,
+        context: Any = None,
+    ) -> None:
         self._t = telemetry
-        self.method = method
+        self._context = context  # the server call, whose status ends the observation
+        self._m = metrics
+        self.method = metrics.method
         self.kind = kind
         self.start = time.perf_counter()
         self.forwarded_at = 0.0
@@ -362,9 +412,26 @@ class CallObservation:
         self._server_span: Any = None
         self._client_span: Any = None
         self._token: Any = None
-        telemetry.in_flight_of[kind].inc()
+        self._in_flight = telemetry.in_flight_of[kind]
+        self._in_flight.inc()
         if telemetry.tracer is not None:
             self._start_server_span(md)
+
+    # --- as a context manager around a handler: ends with the call's status ----------------
+
+    def __enter__(self) -> CallObservation:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            self.end(grpc.StatusCode.OK)
+        else:
+            self.end(*status_of(exc, self._context))
 
     # --- the steps of a call, in order -----------------------------------------------------
 
@@ -383,7 +450,7 @@ class CallObservation:
         """The call goes to `driver` now; the metadata to send (with our traceparent)."""
         now = time.perf_counter()
         if not self.forwarded_at:  # router time: up to the first attempt
-            self._t.timers(self.method)[1].observe(now - self.start)
+            self._m.route_seconds.observe(now - self.start)
         self.forwarded_at = now
         self.waiting_first = True
         if self._server_span is None:
@@ -401,14 +468,14 @@ class CallObservation:
         """The driver's first response (or its final answer) arrived."""
         if self.waiting_first:
             self.waiting_first = False
-            self._t.timers(self.method)[2].observe(time.perf_counter() - self.forwarded_at)
+            self._m.driver_seconds.observe(time.perf_counter() - self.forwarded_at)
 
     def end(self, code: grpc.StatusCode, details: str | None = None) -> None:
         """The call is over with `code`."""
         t = self._t
-        t.in_flight_of[self.kind].dec()
-        t.count_call(self.method, code.name)
-        t.timers(self.method)[0].observe(time.perf_counter() - self.start)
+        self._in_flight.dec()
+        self._m.count(code)
+        self._m.call_seconds.observe(time.perf_counter() - self.start)
         if self.bytes_to_client:
             t.bytes_to_client.inc(self.bytes_to_client)
         if self.bytes_to_driver:

@@ -1,7 +1,11 @@
 """One gRPC channel per driver, created on first use and reused by every call to it.
 
-This module owns connections and driver health only; which driver a call goes to is
-placement's job.
+This module owns connections only: which driver a call goes to is placement's job, whether
+a driver is live is health.py's.
+A driver that left the membership has its channel forgotten at once (a later call for a
+session still pinned there dials a new one) and closed once its in-flight calls end, or
+after `shutdown_grace_seconds`, the grace a stopping replica gives its calls; a driver that
+is merely down keeps its channel (it may come back, and its calls are still running).
 Channels fail fast (no wait-for-ready): a call to a driver that refuses connections
 fails at once with UNAVAILABLE instead of queueing, so the proxy can name the driver.
 """
@@ -10,18 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from registry.agent import HealthState, Probe, apply_probe
-from registry.agent import probe as agent_probe
-from registry.models import DriverState
 from router.config import Settings
-from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# A bound on cached multicallables: drivers x 13 known paths, plus unknown methods' paths.
+_MAX_CALLABLES = 4096
 
 
 def channel_options(settings: Settings) -> list[tuple[str, int]]:
@@ -45,6 +48,11 @@ class Upstreams:
             ("grpc.max_reconnect_backoff_ms", 5_000),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Multicallables per (driver, shape, path): built once, not on every call; a driver's
+        # go with its channel (discard), so a departed channel's are never used again.
+        self._calls: dict[tuple[str, str, str], Any] = {}
+        self._grace = settings.shutdown_grace_seconds
+        self._retiring: set[asyncio.Task[None]] = set()  # closes of departed drivers' channels
 
     def channel(self, address: str) -> grpc.aio.Channel:
         """The channel to a driver, created on first use."""
@@ -54,95 +62,35 @@ class Upstreams:
             self._channels[address] = ch
         return ch
 
-    async def discard(self, address: str) -> None:
-        """Close and forget the channel to a driver that left."""
+    def call(self, address: str, shape: str, path: str) -> Any:
+        """The multicallable of `path` with `shape` (unary_unary, ...) on a driver's channel."""
+        key = (address, shape, path)
+        found = self._calls.get(key)
+        if found is not None:
+            return found
+        multicallable = getattr(self.channel(address), shape)(path)
+        if len(self._calls) > _MAX_CALLABLES:  # client-chosen paths (unknown methods)
+            self._calls.clear()
+        self._calls[key] = multicallable
+        return multicallable
+
+    def discard(self, address: str) -> None:
+        """Forget the channel to a driver that left; it closes once its in-flight calls end."""
         ch = self._channels.pop(address, None)
-        if ch is not None:
-            await ch.close()
+        if ch is None:
+            return
+        for key in [k for k in self._calls if k[0] == address]:
+            del self._calls[key]
+        # In the background: the membership refresh that calls this must not wait for calls.
+        task = asyncio.ensure_future(ch.close(self._grace))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
-        """Close every channel (in-flight calls are cancelled)."""
+        """Close every channel (in-flight calls are cancelled); wait for departed ones."""
         channels, self._channels = list(self._channels.values()), {}
+        self._calls.clear()
         for ch in channels:
             await ch.close()
-
-
-class Health:
-    """One view of "is this driver live" for a replica: active probes plus passive failures.
-
-    Every known driver is probed every `probe_interval_seconds` with a real Spark Connect
-    call bounded by `probe_timeout_seconds` (a hung driver fails it); `fail_threshold`
-    failures in a row mark it down, `recover_threshold` successes bring it back (no flip on
-    one bad signal). A call that cannot reach a driver is a passive signal: it triggers one
-    immediate confirming probe, and if that fails too the driver is down at once (a refused
-    connection confirmed twice is not noise). `on_change` is told of every state change.
-    """
-
-    def __init__(
-        self,
-        settings: Settings,
-        on_change: Callable[[str, bool], Awaitable[None]],
-        probe: Probe = agent_probe,
-        telemetry: Telemetry | None = None,
-    ) -> None:
-        self._settings = settings
-        self._on_change = on_change
-        self._telemetry = telemetry
-        self._probe = probe
-        self._states: dict[str, HealthState] = {}
-
-    def is_down(self, address: str) -> bool:
-        """Whether probes have marked the driver down."""
-        state = self._states.get(address)
-        return state is not None and state.state is DriverState.DOWN
-
-    @property
-    def down(self) -> frozenset[str]:
-        """Every driver marked down."""
-        return frozenset(a for a, s in self._states.items() if s.state is DriverState.DOWN)
-
-    async def report(self, address: str, ok: bool) -> None:
-        """Apply one probe result."""
-        before = self._states.get(address, HealthState(DriverState.ACTIVE))
-        after = apply_probe(before, ok, self._settings)
-        self._states[address] = after
-        if self._telemetry is not None:
-            self._telemetry.probe(address, ok, after.state is not DriverState.DOWN)
-        if after.state is not before.state:
-            log.warning(
-                "driver %s is %s (%d probes in a row %s)",
-                address,
-                "down" if after.state is DriverState.DOWN else "live again",
-                after.bad if after.state is DriverState.DOWN else after.good,
-                "failed" if after.state is DriverState.DOWN else "answered",
-            )
-            await self._on_change(address, after.state is not DriverState.DOWN)
-
-    async def confirm_failure(self, address: str) -> bool:
-        """After a call could not reach `address`: probe now; True if the driver is down."""
-        if self.is_down(address):
-            return True
-        if await self._probe(address, self._settings.probe_timeout_seconds):
-            await self.report(address, True)
-            return False
-        state = self._states.get(address, HealthState(DriverState.ACTIVE))
-        self._states[address] = HealthState(
-            state.state, good=0, bad=self._settings.fail_threshold - 1
-        )
-        await self.report(address, False)
-        return True
-
-    async def run(self, addresses: Callable[[], Iterable[str]]) -> None:
-        """Probe every driver `addresses()` names, forever, every probe interval."""
-        while True:
-            targets = sorted(set(addresses()))
-            results = await asyncio.gather(
-                *(self._probe(a, self._settings.probe_timeout_seconds) for a in targets)
-            )
-            for address, ok in zip(targets, results, strict=True):
-                await self.report(address, ok)
-            for gone in set(self._states) - set(targets):
-                del self._states[gone]
-                if self._telemetry is not None:
-                    self._telemetry.forget_driver(gone)
-            await asyncio.sleep(self._settings.probe_interval_seconds)
+        if self._retiring:  # the server has stopped by now: their calls are over or cancelled
+            await asyncio.gather(*self._retiring)

@@ -23,7 +23,7 @@ from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from registry.models import Driver
 from router.local import LocalDriver, LocalDrivers
-from router.ring import Rings
+from router.sessions.ring import Rings
 from tests.helpers import free_port, spawn, stderr_of, stderr_text, stop, wait_until
 
 PORT_CONF = "spark.connect.grpc.binding.port"

@@ -13,7 +13,7 @@ import pytest
 from pyspark.sql import SparkSession
 
 from registry.models import Driver
-from router.ring import Rings
+from router.sessions.ring import Rings
 from tests.helpers import free_port, spawn, stderr_of, stop, wait_until
 
 PORT_CONF = "spark.connect.grpc.binding.port"

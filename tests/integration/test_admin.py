@@ -32,7 +32,7 @@ from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc, relations_pb2
 from loadtest.fake_driver import FakeDriver
 from registry import open_registry
 from registry.models import Driver, DriverState
-from router.admin import not_ready
+from router.admin.http import not_ready
 from router.config import load_settings
 from router.server import Replica, StartupError
 from tests.helpers import free_port, read_line_matching, spawn, stderr_of, stop, wait_until

@@ -1,4 +1,4 @@
-"""registry.agent against real (fake) Spark Connect servers: the real probe, driver death and
+"""agent.sidecar against real (fake) Spark Connect servers: the real probe, driver death and
 hangs, recovery, serve_agent, and run_agent with real signals in this process."""
 
 from __future__ import annotations
@@ -14,18 +14,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import registry
+from agent.sidecar import Agent, AgentSettings, run_agent, serve_agent
+from common.health import PROBE_SESSION_ID, PROBE_USER_ID, probe
+from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE
 from loadtest.fake_driver import FakeDriver
-from registry.agent import (
-    EXIT_OK,
-    EXIT_STARTUP_FAILURE,
-    PROBE_SESSION_ID,
-    PROBE_USER_ID,
-    Agent,
-    AgentSettings,
-    probe,
-    run_agent,
-    serve_agent,
-)
 from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState
@@ -307,15 +299,15 @@ class LineWatcher(logging.Handler):
 def test_run_agent_with_the_real_memory_registry_stops_cleanly_on_sigterm(
     driver_process: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="registry.agent")
+    caplog.set_level(logging.INFO, logger="agent.sidecar")
     watcher = LineWatcher("registered as active")
-    logging.getLogger("registry.agent").addHandler(watcher)
+    logging.getLogger("agent.sidecar").addHandler(watcher)
     try:
         thread = signal_when(watcher.seen)
         assert run_agent(fast(driver_process), "memory://") == EXIT_OK
         thread.join(WAIT)
     finally:
-        logging.getLogger("registry.agent").removeHandler(watcher)
+        logging.getLogger("agent.sidecar").removeHandler(watcher)
     assert f"deregistered {driver_process}" in caplog.text
 
 

@@ -18,11 +18,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 
+from common.addresses import redact_url as redact
 from registry import open_registry
 from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, Event, EventKind, Pin
-from registry.redis import RedisRegistry, redact
+from registry.redis import RedisRegistry
 from tests.helpers import ROOT, Listener, free_port
 from tests.redis_server import RedisServer, SentinelServer
 

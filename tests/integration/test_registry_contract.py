@@ -183,6 +183,19 @@ async def test_bind_first_wins(store: Harness) -> None:
     assert await reg.get_pin("s2") is None
 
 
+async def test_racing_moves_tell_the_winner_by_its_move_token(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    await reg.bind(Pin("s1", "d1:1"))
+    # Two replicas build the same move but for its token: only one compare-and-set lands.
+    mine = Pin("s1", "d2:1", server_side_id="srv-1", move_token="a" * 32)
+    theirs = Pin("s1", "d2:1", server_side_id="srv-1", move_token="b" * 32)
+    assert await reg.move("s1", "d1:1", mine) == mine
+    winner = await other.move("s1", "d1:1", theirs)
+    assert winner == mine and winner != theirs  # the loser sees it lost
+    assert (await other.get_pin("s1")) == mine  # the token survives the store
+
+
 async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:
     reg = await store.open()
     other = await store.peer(reg)

@@ -1,4 +1,4 @@
-"""registry.agent without a driver: settings, the health state machine, and Agent.run driven by
+"""agent.sidecar without a driver: settings, the health state machine, and Agent.run driven by
 a scripted probe against the memory registry (plus wrappers that fail or hang)."""
 
 from __future__ import annotations
@@ -11,14 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from registry.agent import (
-    Agent,
-    AgentSettings,
-    HealthState,
-    apply_probe,
-    describe_change,
-    redact_url,
-)
+from agent.sidecar import Agent, AgentSettings, describe_change
+from common.addresses import redact_url
+from common.health import HealthState, apply_probe
 from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState
@@ -291,7 +286,7 @@ async def finish(task: asyncio.Task[None], stop: asyncio.Event) -> None:
 async def test_registry_sees_active_down_active_with_ttl_then_deregistration(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="registry.agent")
+    caplog.set_level(logging.INFO, logger="agent.sidecar")
     n = Notifier()
     reg = RecordingRegistry(n)
     script = ScriptedProbe([T, F, F, F, T, T], n)
@@ -339,7 +334,7 @@ async def test_down_driver_keeps_being_heartbeated_as_down() -> None:
 async def test_registry_outage_is_survived_and_logged_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="registry.agent")
+    caplog.set_level(logging.INFO, logger="agent.sidecar")
     n = Notifier()
     reg = RecordingRegistry(n, fail_upserts=[F, T, T, T, F, F, T, F])
     now = [100.0]

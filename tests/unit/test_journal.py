@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from pyspark.sql.connect.proto import base_pb2, commands_pb2, relations_pb2
 
 from loadtest.fake_driver import FakeDriver
-from router import journal, wire
-from router.journal import JournalEntry, classify, for_replay
-from router.protocol import METHODS, SERVICE, Shape
+from router.dataplane import wire
+from router.dataplane.protocol import METHODS, SERVICE, Shape
+from router.sessions import journal
+from router.sessions.journal import JournalEntry, classify, for_replay
 
 _SERVICE = base_pb2.DESCRIPTOR.services_by_name["SparkConnectService"]
 START_TIMEOUT = 10.0
@@ -615,7 +616,7 @@ def test_unframe_rejects_a_damaged_payload() -> None:
 
 
 async def test_tape_keeps_a_stream_up_to_the_cap_only() -> None:
-    from router.proxy import _Tape
+    from router.dataplane.recorder import Tape as _Tape
 
     async def stream(sizes: list[int]) -> AsyncIterator[bytes]:
         for n in sizes:

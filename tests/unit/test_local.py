@@ -19,7 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-import router.local as local
+import common.procs as procs
+import router.local.display as local_display
+import router.local.driver as local_driver
 from router.local import (
     DriverFailedToStart,
     JavaInfo,
@@ -138,7 +140,7 @@ def fake_spark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     write_exe(home / "bin" / "spark-submit", FAKE_SPARK_SUBMIT.format(python=sys.executable))
     (home / "jars").mkdir()
     (home / "jars" / "spark-connect_2.13-4.3.0.jar").touch()
-    monkeypatch.setattr(local, "spark_home", lambda: str(home))
+    monkeypatch.setattr(local_driver, "spark_home", lambda: str(home))
     java_home = tmp_path / "jdk"
     fake_java(java_home, 'openjdk version "17.0.15" 2025-04-15')
     monkeypatch.setenv("JAVA_HOME", str(java_home))
@@ -363,7 +365,7 @@ def test_driver_env() -> None:
 def test_spark_home_is_the_pyspark_package() -> None:
     import pyspark
 
-    home = local.spark_home()
+    home = local_driver.spark_home()
     assert home == os.path.dirname(pyspark.__file__)
     assert os.access(os.path.join(home, "bin", "spark-submit"), os.X_OK)
 
@@ -428,7 +430,7 @@ def test_spawn_survives_its_callers_thread() -> None:
 
     def naive() -> None:  # what spawn() avoids: fork from a short-lived thread
         children["naive"] = subprocess.Popen(
-            ["sleep", "300"], preexec_fn=local.child_setup(os.getpid())
+            ["sleep", "300"], preexec_fn=procs.child_setup(os.getpid())
         )
 
     def via_spawn() -> None:
@@ -512,7 +514,7 @@ def test_rich_progress(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(local, "_stdout_is_tty", lambda: True)
+    monkeypatch.setattr(local_display, "_stdout_is_tty", lambda: True)
     drivers = LocalDrivers(2, work_dir=fake_spark / "work", startup_timeout=60)
     cleanup.append(drivers)
     drivers.start(progress=True)

@@ -10,8 +10,8 @@ from registry.base import RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import Driver, DriverState, Event, EventKind, Pin
 from router.errors import NoLiveDriver, UnknownPool
-from router.placement import PinCache, Placement, choose
-from router.ring import Rings
+from router.sessions.placement import PinCache, Placement, choose
+from router.sessions.ring import Rings
 
 
 class CountingRegistry(MemoryRegistry):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from pyspark.sql.connect.proto import base_pb2
 
-from router import protocol
+from router.dataplane import protocol
+from router.dataplane.protocol import Shape
 from router.errors import BadRequest
-from router.protocol import Shape
 
 SERVICE = base_pb2.DESCRIPTOR.services_by_name["SparkConnectService"]
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from registry.models import Driver, DriverState
-from router.ring import Rings
+from router.sessions.ring import Rings
 
 KEYS = [str(uuid.UUID(int=i * 7919 + 17, version=4)) for i in range(10_000)]
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pyspark.sql.connect.proto import base_pb2
 
-from router import wire
+from router.dataplane import wire
 
 text = st.text(max_size=40)
 field_numbers = st.integers(min_value=20, max_value=2**29 - 1)

@@ -29,56 +29,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
-import re
-import signal
 import time
-import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
+from common.addresses import address_problem, redact_url
+from common.health import HealthState, Probe, apply_probe, probe
+from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unless_forced
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DEFAULT_POOL, Driver, DriverState
 
 __all__ = [
-    "EXIT_OK",
-    "EXIT_STARTUP_FAILURE",
-    "PROBE_SESSION_ID",
-    "PROBE_USER_ID",
     "Agent",
     "AgentSettings",
-    "HealthState",
-    "Probe",
     "StartupFailure",
-    "apply_probe",
     "describe_change",
     "open_checked_registry",
-    "probe",
-    "redact_url",
     "run_agent",
     "serve_agent",
 ]
 
 log = logging.getLogger(__name__)
-
-EXIT_OK = 0
-EXIT_STARTUP_FAILURE = 3
-
-PROBE_SESSION_ID = "0b6f3f5e-7a0c-4c55-9d8e-2f4a6c1b9e73"
-"""Session id of the agent's probes; a constant so every probe reuses one server session."""
-PROBE_USER_ID = "spark-router-agent"
-_PROBE_CONF = "spark.connect.grpc.binding.port"
-_CONFIG_METHOD = "/spark.connect.SparkConnectService/Config"
-_PROBE_CHANNEL_OPTIONS = [
-    # No proxy: an http_proxy in the environment would otherwise capture the probe.
-    ("grpc.enable_http_proxy", 0),
-    # Own subchannels: channels share the process-wide pool by default, and with it the
-    # reconnect backoff (1 s and growing) of a driver that was down, which would keep failing
-    # probes of a restarted driver whatever new channel they use.
-    ("grpc.use_local_subchannel_pool", 1),
-]
 
 STARTUP_ATTEMPTS = 3
 """How many times the registry is tried at start-up, `heartbeat_interval` apart."""
@@ -88,20 +61,7 @@ _CLOSE_TIMEOUT = 2.0
 # raw socket error from a store is an outage too, and never a reason to crash the sidecar.
 _REGISTRY_DOWN = (RegistryUnavailable, OSError, asyncio.TimeoutError)
 
-_HOST_PORT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
-
-
 # --------------------------------------------------------------------------- settings
-
-
-def _address_problem(name: str, value: str) -> str | None:
-    """Why `value` is not a dialable HOST:PORT, or None."""
-    m = _HOST_PORT.match(value)
-    if m is None:
-        return f"{name}: {value!r} is not HOST:PORT (e.g. 10.0.0.5:15002)"
-    if not 0 < int(m.group(2)) <= 65535:
-        return f"{name}: {value!r} has port {int(m.group(2))}, expected 1-65535"
-    return None
 
 
 @dataclass(frozen=True, init=False)
@@ -157,7 +117,7 @@ class AgentSettings:
         if self.advertise != self.driver:  # else one bad value would be reported twice
             addresses["advertise"] = self.advertise
         for name, address in addresses.items():
-            problem = _address_problem(name, address)
+            problem = address_problem(name, address)
             if problem is not None:
                 problems.append(problem)
         if not self.pool.strip():
@@ -186,47 +146,6 @@ class AgentSettings:
 # --------------------------------------------------------------------------- decisions
 
 
-@dataclass(frozen=True)
-class HealthState:
-    """What the agent believes about its driver: the state announced and the current streaks."""
-
-    state: DriverState | None = None  # None: never answered, so not registered
-    good: int = 0  # consecutive successful probes
-    bad: int = 0  # consecutive failed probes
-
-    @property
-    def registered(self) -> bool:
-        """Whether the driver has answered once, so its record is written."""
-        return self.state is not None
-
-
-class Thresholds(Protocol):
-    """How many probes in a row change a driver's state (the agent's and the router's)."""
-
-    @property
-    def fail_threshold(self) -> int: ...
-
-    @property
-    def recover_threshold(self) -> int: ...
-
-
-def apply_probe(state: HealthState, ok: bool, settings: Thresholds) -> HealthState:
-    """The health after one more probe result (pure; thresholds, never one-probe flips)."""
-    if ok:
-        good = state.good + 1
-        current = state.state
-        if current is None:
-            current = DriverState.ACTIVE  # the first answer registers the driver
-        elif current is DriverState.DOWN and good >= settings.recover_threshold:
-            current = DriverState.ACTIVE
-        return HealthState(current, good=good, bad=0)
-    bad = state.bad + 1
-    current = state.state
-    if current is not None and current is not DriverState.DOWN and bad >= settings.fail_threshold:
-        current = DriverState.DOWN
-    return HealthState(current, good=0, bad=bad)
-
-
 def describe_change(before: HealthState, after: HealthState, settings: AgentSettings) -> str | None:
     """The one log line a state change deserves, or None when the state did not change."""
     if before.state is after.state or after.state is None:
@@ -239,67 +158,6 @@ def describe_change(before: HealthState, after: HealthState, settings: AgentSett
     if after.state is DriverState.ACTIVE:
         return f"{where} is active again after {after.good} good probes in a row"
     return f"{where} is now {after.state.value}"
-
-
-# --------------------------------------------------------------------------- probe
-
-
-@functools.cache
-def _probe_request() -> bytes:
-    """The serialized ConfigRequest every probe sends (pyspark is imported on first use)."""
-    from pyspark.sql.connect.proto import base_pb2
-
-    request = base_pb2.ConfigRequest(
-        session_id=PROBE_SESSION_ID,
-        user_context=base_pb2.UserContext(user_id=PROBE_USER_ID),
-        operation=base_pb2.ConfigRequest.Operation(
-            get=base_pb2.ConfigRequest.Get(keys=[_PROBE_CONF])
-        ),
-        client_type=PROBE_USER_ID,
-    )
-    data: bytes = request.SerializeToString()
-    return data
-
-
-def _answer_is_valid(raw: bytes) -> bool:
-    """Whether a Config response parses and is for the probe's session (as pyspark checks)."""
-    from pyspark.sql.connect.proto import base_pb2
-
-    response = base_pb2.ConfigResponse.FromString(raw)
-    return str(response.session_id) == PROBE_SESSION_ID
-
-
-async def probe(address: str, timeout: float) -> bool:
-    """One Spark Connect Config call to `address` within `timeout` s; True if it answered."""
-    import grpc
-    import grpc.aio
-
-    # A fresh channel per probe (with its own subchannel): a long-lived channel's reconnect
-    # backoff would keep reporting a restarted driver as unreachable long after it is back.
-    channel = grpc.aio.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS)
-    try:
-        call = channel.unary_unary(_CONFIG_METHOD)  # bytes in, bytes out
-        # The gRPC deadline covers connecting too; the outer bound is a safety net.
-        raw = await asyncio.wait_for(call(_probe_request(), timeout=timeout), timeout + 1.0)
-        if _answer_is_valid(raw):
-            return True
-        log.debug("probe of %s: answer is not for the probe session", address)
-        return False
-    except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        log.debug("probe of %s failed: %s", address, code)
-        return False
-    except asyncio.TimeoutError:
-        log.debug("probe of %s: no answer within %ss", address, timeout)
-        return False
-    except Exception as exc:  # a probe reports; anything going wrong is a failed probe
-        log.debug("probe of %s failed: %r", address, exc)
-        return False
-    finally:
-        await channel.close()
-
-
-Probe = Callable[[str, float], Awaitable[bool]]
 
 
 # --------------------------------------------------------------------------- agent
@@ -442,19 +300,6 @@ async def serve_agent(settings: AgentSettings, registry: Registry, stop: asyncio
     await Agent(settings, registry).run(stop)
 
 
-def redact_url(url: str) -> str:
-    """`url` without its password, for log lines."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
-
-
 class StartupFailure(Exception):
     """The registry could not be opened or reached at start-up; str() says why."""
 
@@ -524,36 +369,17 @@ async def _open_and_serve(settings: AgentSettings, registry_url: str, stop: asyn
 
 async def _serve_until_signal(settings: AgentSettings, registry_url: str) -> int:
     """Run until SIGTERM/SIGINT (deregister, exit); a second signal exits at once."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    forced = asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            forced.set()
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    try:
-        main = asyncio.ensure_future(_open_and_serve(settings, registry_url, stop))
-        force = asyncio.ensure_future(forced.wait())
-        await asyncio.wait((main, force), return_when=asyncio.FIRST_COMPLETED)
-        force.cancel()
-        if not main.done():
-            log.warning(
-                "second signal: exiting now; routers drop %s when its record expires (%gs)",
-                settings.advertise,
-                settings.ttl,
-            )
-            main.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await main
-            return EXIT_OK
-        return main.result()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+    async with Signals() as signals:
+        finished, code = await finish_unless_forced(
+            _open_and_serve(settings, registry_url, signals.stopping), signals
+        )
+    if not finished:
+        log.warning(
+            "second signal: exiting now; routers drop %s when its record expires (%gs)",
+            settings.advertise,
+            settings.ttl,
+        )
+    return code if code is not None else EXIT_OK
 
 
 def run_agent(settings: AgentSettings, registry_url: str) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode
-from router import operations
+from router.admin import records as operations
 
 T = TypeVar("T")
 

@@ -35,15 +35,16 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from common.addresses import split_host_port
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver
-from router import operations
-from router.config import Settings, split_host_port
+from router.admin import records as operations
+from router.config import Settings
+from router.dataplane.proxy import Proxy
 from router.errors import RouterError
-from router.placement import Placement
-from router.proxy import Proxy
+from router.health import Health
+from router.sessions.placement import Placement
 from router.telemetry import Telemetry
-from router.upstreams import Health
 
 log = logging.getLogger(__name__)
 

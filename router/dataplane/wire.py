@@ -97,31 +97,43 @@ def _skip_value(buf: bytes, pos: int, number: int, wtype: int, depth: int = 0) -
     return end
 
 
-def iter_fields(buf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+def iter_fields(
+    buf: bytes | memoryview, partial: bool = False
+) -> Iterator[tuple[int, int, int, int, int]]:
     """Yield (field number, wire type, tag start, value start, value end) per top-level field.
 
     For LEN fields the value span is the payload (after the length prefix); for other
-    types it is the encoded value itself.
+    types it is the encoded value itself. `buf` may be a memoryview (no copies). With
+    `partial`, `buf` may be a prefix of a message (the journal reads decompressed
+    prefixes): a LEN field that runs past the end is yielded clipped and the walk stops
+    there, as it stops quietly at a truncated or malformed tag.
     """
+    data: bytes = buf  # type: ignore[assignment]  # memoryview: only indexing and len()
     pos = 0
-    end = len(buf)
+    end = len(data)
     while pos < end:
         start = pos
-        tag, pos = read_varint(buf, pos)
-        number, wtype = tag >> 3, tag & 7
-        if wtype == LEN:
-            size, pos = read_varint(buf, pos)
-            value_end = pos + size
-            if number == 0:
-                raise WireError("field number 0 is invalid")
-            if value_end > end:
-                raise WireError(f"field {number} claims {size} bytes, only {end - pos} left")
-            yield number, wtype, start, pos, value_end
-            pos = value_end
-        else:
-            value_end = _skip_value(buf, pos, number, wtype)
-            yield number, wtype, start, pos, value_end
-            pos = value_end
+        try:
+            tag, pos = read_varint(data, pos)
+            number, wtype = tag >> 3, tag & 7
+            if wtype == LEN:
+                size, pos = read_varint(data, pos)
+                value_end = pos + size
+                if number == 0:
+                    raise WireError("field number 0 is invalid")
+                if value_end > end:
+                    if partial:
+                        yield number, wtype, start, pos, end
+                        return
+                    raise WireError(f"field {number} claims {size} bytes, only {end - pos} left")
+            else:
+                value_end = _skip_value(data, pos, number, wtype)
+        except WireError:
+            if partial:
+                return
+            raise
+        yield number, wtype, start, pos, value_end
+        pos = value_end
 
 
 def read_bytes(buf: bytes, field: int) -> bytes | None:

@@ -22,12 +22,11 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
-from dataclasses import replace
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DriverState, Event, EventKind, Pin
 from router.errors import NoLiveDriver, UnknownPool
-from router.ring import Rings
+from router.sessions.ring import Rings
 from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -113,7 +112,9 @@ class Placement:
         is_down: Callable[[str], bool] = lambda address: False,
     ) -> None:
         self._registry = registry
-        self.is_down = is_down  # this replica's own health view
+        # This replica's own health view, asked only about drivers outside the snapshot:
+        # for members, the snapshot already carries it (membership.merge).
+        self.is_down = is_down
         self.rings = rings
         self.cache = PinCache(cache_size)
         self.default_pool = default_pool
@@ -128,11 +129,17 @@ class Placement:
         self.rings = rings
         self.move_idle = move_idle
 
-    async def place(self, session_id: str, pool: str | None, owner: str | None = None) -> Pin:
-        """The pin of a session, creating it on the session's first call."""
+    def known(self, session_id: str) -> Pin | None:
+        """The cached pin of a known session (its TTL refreshed in the next batch), else None."""
         pin = self.cache.get(session_id)
         if pin is not None:
             self._active.add(session_id)
+        return pin
+
+    async def place(self, session_id: str, pool: str | None, owner: str | None = None) -> Pin:
+        """The pin of a session, creating it on the session's first call."""
+        pin = self.known(session_id)
+        if pin is not None:
             return pin
         pool = pool or self.default_pool
         try:
@@ -161,36 +168,22 @@ class Placement:
 
         Pins are the truth: a driver this replica does not know (another replica's static
         driver, say) is followed, not moved away from. Only health moves a session — the
-        registry or this replica's probes saying the driver is down.
+        registry or this replica's probes saying the driver is down. For a member the
+        snapshot alone answers (it has both merged in); for a driver outside it, only this
+        replica's own passive check can have found it dead.
         """
         driver = self.rings.drivers.get(address)
-        if driver is not None and driver.state is DriverState.DOWN:
-            return False
+        if driver is not None:
+            return driver.state is not DriverState.DOWN
         return not self.is_down(address)
 
-    async def move(
-        self,
-        pin: Pin,
-        observed_id: str | None,
-        keep_identity: bool,
-        reason: str = "driver_down",
-        target: str | None = None,
-    ) -> tuple[Pin, bool]:
-        """Move a session off its driver: (the pin in force, whether this call moved it).
+    async def move(self, pin: Pin, new: Pin) -> tuple[Pin, bool]:
+        """Compare-and-set a session's pin to `new`: (the pin in force, whether it is `new`).
 
-        Compare-and-set on the registry pin: of several replicas moving one session, one
-        wins and the others follow its pin. `keep_identity` records the server-side id the
-        client saw (`observed_id`, or the alias of an earlier move) so the proxy can keep
-        showing it; without it Spark itself answers SESSION_CHANGED. `reason` labels the
-        move in metrics and logs (driver_down, drain, admin); `target` is the operator's
-        choice of driver, else the ring chooses.
+        The registry replaces the pin only if it still names `pin.driver`: of several
+        replicas moving one session, one wins and the others follow its pin. What `new`
+        says (driver, kept identity) is sessions/migration.py's decision.
         """
-        if target is None:
-            target = choose(pin.session_id, pin.pool, self.rings, avoid=pin.driver)
-        elif not self.is_live(target):
-            raise NoLiveDriver(f"driver {target} is down")
-        alias = (pin.server_side_id or observed_id) if keep_identity else None
-        new = replace(pin, driver=target, server_side_id=alias, moves=pin.moves + 1)
         try:
             winner = await self._registry.move(pin.session_id, pin.driver, new)
         except RegistryUnavailable as exc:
@@ -201,17 +194,7 @@ class Placement:
         if winner is None:  # the pin expired or was released meanwhile: bind afresh
             winner = await self._registry.bind(new)
         self.cache.put(winner)
-        moved_here = winner == new
-        if moved_here:
-            self.telemetry.sessions_moved.labels(pin.pool, reason).inc()
-            log.info(
-                "session %s moved from %s to %s (%s)",
-                pin.session_id,
-                pin.driver,
-                winner.driver,
-                reason.replace("_", " "),
-            )
-        return winner, moved_here
+        return winner, winner == new
 
     async def release(self, session_id: str) -> None:
         """Forget a session everywhere (after a successful ReleaseSession)."""

@@ -63,8 +63,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from router import wire
-from router.protocol import METHODS
+from router.dataplane import wire
+from router.dataplane.protocol import METHODS
 
 __all__ = ["DEFAULT_CAP", "PEEK_BYTES", "JournalEntry", "classify", "for_replay"]
 
@@ -107,44 +107,10 @@ _MAX_SET_TOKENS = 256  # how far `SET key ... = value` is searched for its `=`
 # --- a zero-copy walk over (possibly truncated) wire data --------------------------------
 
 
-def _varint(view: memoryview, pos: int) -> tuple[int, int]:
-    """wire.read_varint over a memoryview (it only indexes and takes len())."""
-    return wire.read_varint(cast(bytes, view), pos)
-
-
 def _fields(view: memoryview, partial: bool = False) -> Iterator[tuple[int, int, int, int]]:
     """Yield (number, wire type, value start, value end) per top-level field (`partial`: prefix)."""
-    # With `partial` the data may be a prefix of a message: a length-delimited field that
-    # runs past the end is yielded clipped and the walk stops there, as at a truncated tag.
-    pos, end = 0, len(view)
-    while pos < end:
-        try:
-            tag, pos = _varint(view, pos)
-            number, wtype = tag >> 3, tag & 7
-            if number == 0:
-                raise wire.WireError("field number 0 is invalid")
-            if wtype == wire.LEN:
-                size, pos = _varint(view, pos)
-                value_end = pos + size
-                if value_end > end:
-                    if partial:
-                        yield number, wtype, pos, end
-                        return
-                    raise wire.WireError(f"field {number} runs past the end")
-            elif wtype == wire.VARINT:
-                value_end = _varint(view, pos)[1]
-            elif wtype in (wire.I64, wire.I32):
-                value_end = pos + (8 if wtype == wire.I64 else 4)
-                if value_end > end:
-                    raise wire.WireError(f"truncated fixed-width field {number}")
-            else:  # groups never occur in Spark Connect messages
-                raise wire.WireError(f"field {number} has unexpected wire type {wtype}")
-        except wire.WireError:
-            if partial:
-                return
-            raise
-        yield number, wtype, pos, value_end
-        pos = value_end
+    for number, wtype, _, start, end in wire.iter_fields(view, partial):
+        yield number, wtype, start, end
 
 
 def _message(view: memoryview, field: int, partial: bool = False) -> memoryview | None:
@@ -178,7 +144,7 @@ def _varint_field(view: memoryview, field: int) -> int | None:
     value: int | None = None
     for number, wtype, start, _ in _fields(view):
         if number == field and wtype == wire.VARINT:
-            value = _varint(view, start)[0]
+            value = wire.read_varint(cast(bytes, view), start)[0]
     return value
 
 

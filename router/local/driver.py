@@ -1,52 +1,29 @@
-"""Local Spark Connect drivers run from the installed pyspark package.
+"""Local Spark Connect drivers: `LocalDriver` (one JVM) and `LocalDrivers` (a set of them).
 
-Backs `spark-router up` and the test suite's Spark fixtures. One `LocalDriver` is one
-`SparkConnectServer` JVM started with the pyspark package's own `bin/spark-submit` (the pip
-package bundles Spark, so nothing is downloaded); `LocalDrivers` starts a set of them together
-and waits until every one answers a real Spark Connect call.
+One `LocalDriver` is one `SparkConnectServer` JVM started with the pyspark package's own
+`bin/spark-submit` (the pip package bundles Spark, so nothing is downloaded); `LocalDrivers`
+starts a set of them together and waits until every one answers a real Spark Connect call.
 
-Invariants
-----------
-* **No orphan JVMs.** Every driver is started
-  - in its own session and process group (`start_new_session=True`): a Ctrl-C in the terminal
-    reaches only the router, which then stops the drivers itself; stopping sends SIGTERM to the
-    whole group, waits, then SIGKILLs the group;
-  - with `prctl(PR_SET_PDEATHSIG, SIGKILL)` set in the child before exec (Linux only; skipped
-    silently elsewhere). spark-submit `exec`s into the JVM, so the flag survives and the JVM is
-    killed by the kernel even if the router is SIGKILLed. PDEATHSIG fires when the *thread*
-    that forked the child ends, so every driver is forked from one long-lived daemon thread
-    (`_Spawner`), never from the caller's thread, which may be short-lived.
-  - The pyspark daemon that runs Python UDF workers puts itself in a process group of its own
-    (`os.setpgid(0, 0)` in `pyspark/daemon.py`), so the group kill does not reach it. It exits
-    when its stdin (a pipe from the JVM) closes, i.e. when the JVM dies, and then SIGHUPs its
-    workers. `stop()` also snapshots the JVM's descendants before signalling and SIGKILLs any
-    that outlive the JVM.
-  - An `atexit` hook stops drivers still running when the interpreter exits normally; a
-    SIGTERM/SIGKILL of the router leaves the rest to PDEATHSIG.
-  - spark-class leaves its process-substitution subshell as a *zombie* child of the JVM (the
-    JVM never reaps it); it holds no resources and disappears with the JVM.
-* **Failure is total and explained.** If any driver of a `LocalDrivers.start()` exits or is not
-  ready within `startup_timeout`, *all* drivers are stopped, then `DriverFailedToStart` is
-  raised naming the driver, the exit code (or "not ready after N s"), the log path and the last
-  log lines. Logs (`<work_dir>/driver-<port>.log`) are always kept. An interrupt
-  (KeyboardInterrupt, SystemExit) during start also stops all drivers before propagating.
-  Java is checked before any JVM starts, and a port already in use fails before its JVM starts.
-* **Ready means answering.** A driver is ready when its port accepts TCP *and* a Spark Connect
-  `Config` call (get `spark.connect.grpc.binding.port`) answers this driver's own port; a
-  different answer means another server holds the port and is a start failure.
+Invariants (the package docstring says them in full)
+----------------------------------------------------
+* No orphan JVMs: each driver is forked by `common.procs.spawn` (own session and group,
+  PDEATHSIG); `stop()` kills the group and every descendant snapshotted before the signal; an
+  `atexit` hook stops drivers still running at a normal exit.
+* Failure is total and explained: `LocalDrivers.start()` stops *all* drivers on any failure or
+  interrupt, then raises `DriverFailedToStart` with the log path and tail. Java is checked, and
+  each port found free, before its JVM starts.
+* Ready means answering: TCP accepts *and* a `Config` call answers this driver's own port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
-import ctypes
 import errno
 import importlib.util
 import logging
 import os
-import queue
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -55,39 +32,37 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, TypeVar
+
+from common import procs
+from common.health import PROBE_SESSION_ID, PROBE_USER_ID, ask_binding_port
+from router.local.display import live_display, log_state, wants_live
+from router.local.java import LocalDriverError, check_java
 
 __all__ = [
+    "DEFAULT_MASTER",
     "PROBE_SESSION_ID",
     "PROBE_USER_ID",
+    "RESERVED_CONF",
     "SERVER_CLASS",
     "DriverFailedToStart",
-    "JavaInfo",
-    "JavaNotFound",
-    "JavaTooOld",
     "LocalDriver",
     "LocalDriverError",
     "LocalDrivers",
-    "check_java",
     "driver_command",
     "driver_env",
     "free_port",
-    "java_major",
     "probe_driver",
     "spark_home",
-    "spawn",
 ]
 
 log = logging.getLogger(__name__)
 
 SERVER_CLASS = "org.apache.spark.sql.connect.service.SparkConnectServer"
-MIN_JAVA_MAJOR = 17
 # local[2], not local[1]: the machines this targets have ~2 cores, and with local[1] a single
 # long task (a Python UDF, a big shuffle) serialises every other query of every session on that
 # driver. local[2] lets one busy driver use both cores while its siblings idle, the common case.
@@ -105,31 +80,10 @@ RESERVED_CONF = frozenset(
 # Variables that would make the server process think it is a Connect *client*.
 _CLIENT_ONLY_ENV = ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_API_MODE")
 
-PROBE_SESSION_ID = "5f1d7c2e-9a43-4b8e-a6d1-3c0e8b7f2a91"
-"""Session id of readiness probes; a constant so repeated probes reuse one server session."""
-PROBE_USER_ID = "spark-router"
 PROBE_TIMEOUT = 2.0
 POLL_INTERVAL = 0.25
 
-_JAVA_INSTALL_HINT = (
-    "install Java 17 (e.g. `apt-get install openjdk-17-jre-headless`) "
-    "or set JAVA_HOME to a Java 17+ installation"
-)
-
-
 # --------------------------------------------------------------------------- errors
-
-
-class LocalDriverError(Exception):
-    """Base error of local drivers; str() is a clear, actionable message."""
-
-
-class JavaNotFound(LocalDriverError):
-    """No usable `java` executable."""
-
-
-class JavaTooOld(LocalDriverError):
-    """The `java` found is older than Spark 4 needs."""
 
 
 class DriverFailedToStart(LocalDriverError):
@@ -159,84 +113,6 @@ class DriverFailedToStart(LocalDriverError):
             indented = "\n".join("    " + line for line in log_tail.rstrip("\n").splitlines())
             message += f"\n  last log lines:\n{indented}"
         super().__init__(message)
-
-
-# --------------------------------------------------------------------------- Java
-
-
-@dataclass(frozen=True)
-class JavaInfo:
-    """The Java found: executable path, version string and major version."""
-
-    path: str
-    version: str
-    major: int
-
-
-_VERSION_RE = re.compile(r'version "([^"]+)"')
-
-
-def java_major(version: str) -> int:
-    """Major version of a `java -version` string: '1.8.0_392' -> 8, '17.0.15' -> 17."""
-    parts = re.split(r"[._+\-]", version)
-    try:
-        if parts[0] == "1" and len(parts) > 1:
-            return int(parts[1])
-        return int(parts[0])
-    except ValueError:
-        raise LocalDriverError(f"cannot parse Java version {version!r}") from None
-
-
-def check_java(java_home: str | None = None) -> JavaInfo:
-    """Find Java as spark-submit will (JAVA_HOME, else PATH) and check it is 17 or newer."""
-    home = java_home or os.environ.get("JAVA_HOME") or None
-    if home:
-        source = "--java-home" if java_home else "JAVA_HOME"
-        java = os.path.join(home, "bin", "java")
-        if not (os.path.isfile(java) and os.access(java, os.X_OK)):
-            raise JavaNotFound(
-                f"{source}={home} has no executable bin/java: Spark needs Java 17+; "
-                f"{_JAVA_INSTALL_HINT}"
-            )
-    else:
-        found = shutil.which("java")
-        if found is None:
-            raise JavaNotFound(
-                f"no `java` on PATH and JAVA_HOME is not set: Spark needs Java 17+; "
-                f"{_JAVA_INSTALL_HINT}"
-            )
-        java = found
-    try:
-        result = subprocess.run(
-            [java, "-version"],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=60,
-            check=False,
-        )
-    except OSError as exc:
-        raise JavaNotFound(f"cannot run {java}: {exc}; {_JAVA_INSTALL_HINT}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise LocalDriverError(f"`{java} -version` did not answer within 60 s") from exc
-    output = (result.stderr + result.stdout).decode(errors="replace")
-    match = _VERSION_RE.search(output)
-    if result.returncode != 0 or match is None:
-        raise LocalDriverError(
-            f"`{java} -version` failed (exit code {result.returncode}) or printed no version: "
-            f"{output.strip()[-500:]!r}; {_JAVA_INSTALL_HINT}"
-        )
-    version = match.group(1)
-    major = java_major(version)
-    if major < MIN_JAVA_MAJOR:
-        where = java
-        real = os.path.realpath(java)
-        if real != java:
-            where += f" (-> {real})"
-        raise JavaTooOld(
-            f"Java {version} found at {where}, but Spark 4 needs Java 17 or newer: "
-            f"{_JAVA_INSTALL_HINT}"
-        )
-    return JavaInfo(path=java, version=version, major=major)
 
 
 # --------------------------------------------------------------------------- Spark
@@ -300,6 +176,13 @@ def _port_in_use(host: str, port: int) -> bool:
 
 def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _work_dir(work_dir: Path | None) -> Path:
+    """work_dir, else a fresh temporary directory."""
+    if work_dir is not None:
+        return Path(work_dir)
+    return Path(tempfile.mkdtemp(prefix="spark-router-drivers-"))
 
 
 def _check_spark_conf(conf: Mapping[str, str]) -> None:
@@ -375,219 +258,8 @@ def driver_env(
 
 def probe_driver(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
     """One Spark Connect Config call; returns the driver's binding port conf, None if no answer."""
-    import grpc
-    from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
-
-    request = base_pb2.ConfigRequest(
-        session_id=PROBE_SESSION_ID,
-        user_context=base_pb2.UserContext(user_id=PROBE_USER_ID),
-        operation=base_pb2.ConfigRequest.Operation(
-            get=base_pb2.ConfigRequest.Get(keys=["spark.connect.grpc.binding.port"])
-        ),
-        client_type="spark-router-probe",
-    )
-    target = _format_address(host, port)
-    # No proxy: an http_proxy in the environment would otherwise capture loopback calls.
-    options = [("grpc.enable_http_proxy", 0)]
-    with grpc.insecure_channel(target, options=options) as channel:
-        stub: Any = base_pb2_grpc.SparkConnectServiceStub(channel)  # type: ignore[no-untyped-call]
-        try:
-            response: Any = stub.Config(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            log.debug("probe of %s failed: %s", target, exc)
-            return None
-    for pair in response.pairs:
-        if pair.key == "spark.connect.grpc.binding.port":
-            return str(pair.value)
-    return ""
-
-
-# --------------------------------------------------------------------------- processes
-
-_T = TypeVar("_T")
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's prctl, resolved in the parent (never dlopen between fork and exec)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
-_PRCTL = _load_prctl()
-
-
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux; else nothing)."""
-    setup = child_setup(os.getppid())
-    if setup is not None:
-        setup()
-
-
-def child_setup(parent_pid: int) -> Callable[[], None] | None:
-    """preexec_fn: die with SIGKILL when the parent goes away (Linux)."""
-    prctl = _PRCTL
-    if prctl is None:
-        return None
-    args = (
-        ctypes.c_int(_PR_SET_PDEATHSIG),
-        ctypes.c_ulong(signal.SIGKILL),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-        ctypes.c_ulong(0),
-    )
-
-    def setup() -> None:
-        prctl(*args)
-        if os.getppid() != parent_pid:  # parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return setup
-
-
-class _Spawner:
-    """Forks children from one long-lived daemon thread.
-
-    PR_SET_PDEATHSIG fires when the forking *thread* exits, so forking from a caller's thread
-    that later ends (a worker thread, `asyncio.to_thread`) would kill the driver. A daemon
-    thread lives until the process exits.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def call(self, fn: Callable[[], _T]) -> _T:
-        with self._lock:
-            if self._thread is None or not self._thread.is_alive():  # also after a fork
-                self._queue = queue.SimpleQueue()
-                self._thread = threading.Thread(
-                    target=self._run, args=(self._queue,), name="spark-router-spawner", daemon=True
-                )
-                self._thread.start()
-            future: Future[_T] = Future()
-            self._queue.put((fn, future))
-        return future.result()
-
-    @staticmethod
-    def _run(jobs: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]]) -> None:
-        while True:
-            fn, future = jobs.get()
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except BaseException as exc:
-                future.set_exception(exc)
-
-
-_SPAWNER = _Spawner()
-
-
-def spawn(
-    args: Sequence[str],
-    *,
-    cwd: Path | str | None = None,
-    env: Mapping[str, str] | None = None,
-    stdout: int | IO[bytes] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Popen in a new session with PDEATHSIG=SIGKILL, forked from the long-lived spawner thread."""
-
-    def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            list(args),
-            cwd=cwd,
-            env=dict(env) if env is not None else None,
-            stdin=subprocess.DEVNULL,
-            stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-            start_new_session=True,
-            preexec_fn=child_setup(os.getpid()),
-            close_fds=True,
-        )
-
-    return _SPAWNER.call(start)
-
-
-@dataclass(frozen=True)
-class _Proc:
-    pid: int
-    ppid: int
-    pgid: int
-    start_time: str  # field 22 of /proc/<pid>/stat: tells a reused pid apart
-
-
-def _read_stat(pid: int) -> tuple[str, _Proc] | None:
-    """(state, process) from /proc/<pid>/stat; None if it is gone or there is no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode(errors="replace")
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if len(fields) < 20:
-        return None
-    return fields[0], _Proc(pid, int(fields[1]), int(fields[2]), fields[19])
-
-
-def _related(pid: int, pgid: int) -> list[_Proc]:
-    """Live descendants of pid (whatever their group) and members of group pgid."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return []
-    table: dict[int, _Proc] = {}
-    for name in names:
-        if name.isdigit():
-            entry = _read_stat(int(name))
-            if entry is not None and entry[0] not in ("Z", "X"):
-                table[entry[1].pid] = entry[1]
-    children: dict[int, list[int]] = {}
-    for proc in table.values():
-        children.setdefault(proc.ppid, []).append(proc.pid)
-    found = {proc.pid for proc in table.values() if proc.pgid == pgid and proc.pid != pid}
-    todo = list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.add(child)
-        todo.extend(children.get(child, []))
-    return [table[child] for child in sorted(found)]
-
-
-def _alive(proc: _Proc) -> bool:
-    """True if the same process (not a reused pid) still runs and is not a zombie."""
-    entry = _read_stat(proc.pid)
-    return (
-        entry is not None and entry[1].start_time == proc.start_time and entry[0] not in ("Z", "X")
-    )
-
-
-def _wait_gone(procs: Sequence[_Proc], timeout: float) -> list[_Proc]:
-    """Wait up to timeout for procs to end; returns those still alive."""
-    deadline = time.monotonic() + timeout
-    alive = [proc for proc in procs if _alive(proc)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [proc for proc in alive if _alive(proc)]
-    return alive
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> bool:
-    """killpg, ignoring an empty group; True if the group existed."""
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # Readiness is polled from threads without an event loop: one short-lived loop per probe.
+    return asyncio.run(ask_binding_port(_format_address(host, port), timeout))
 
 
 # --------------------------------------------------------------------------- drivers
@@ -625,11 +297,7 @@ class LocalDriver:
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.memory = memory
-        self.work_dir = (
-            Path(work_dir)
-            if work_dir is not None
-            else Path(tempfile.mkdtemp(prefix="spark-router-drivers-"))
-        )
+        self.work_dir = _work_dir(work_dir)
         self.python = python
         self.java_home = java_home
         self.spark_conf = dict(spark_conf or {})
@@ -693,7 +361,7 @@ class LocalDriver:
                 )
                 log_file.write(header.encode())
                 log_file.flush()
-                self.process = spawn(command, cwd=self.work_dir, env=env, stdout=log_file)
+                self.process = procs.spawn(command, cwd=self.work_dir, env=env, stdout=log_file)
             self.state = "starting"
             self.started_at = time.monotonic()
             self.ready_after = self._ended_after = None
@@ -775,32 +443,32 @@ class LocalDriver:
             pgid = process.pid  # start_new_session: the group is led by the JVM's pid
             # Snapshot before signalling: pyspark's daemon and its UDF workers run in a
             # group of their own, so the group kill below does not reach them.
-            related = _related(process.pid, pgid) if process.poll() is None else []
-            if _signal_group(pgid, signal.SIGTERM):
+            related = procs.related(process.pid, pgid) if process.poll() is None else []
+            if procs.signal_group(pgid, signal.SIGTERM):
                 try:
                     process.wait(timeout)
                 except subprocess.TimeoutExpired:
                     log.warning(
                         "driver %s did not stop within %g s: SIGKILL", self.address, timeout
                     )
-                    _signal_group(pgid, signal.SIGKILL)
+                    procs.signal_group(pgid, signal.SIGKILL)
                     try:
                         process.wait(30)
                     except subprocess.TimeoutExpired:
                         log.error("driver %s (pid %d) survived SIGKILL", self.address, pgid)
                 # Members of the group that outlived the leader (the pid stays reserved as
                 # a group id while any member lives, so this cannot hit a stranger).
-                _signal_group(pgid, signal.SIGKILL)
+                procs.signal_group(pgid, signal.SIGKILL)
             else:
                 process.wait()
             # The daemon exits by itself once the JVM's pipe closes; give it a moment, then
             # SIGKILL whatever is left and wait until it is really gone.
-            leftovers = _wait_gone(related, min(2.0, timeout))
+            leftovers = procs.wait_gone(related, min(2.0, timeout))
             for proc in leftovers:
                 log.debug("killing leftover process %d of driver %s", proc.pid, self.address)
                 with suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
-            for proc in _wait_gone(leftovers, 5.0):
+            for proc in procs.wait_gone(leftovers, 5.0):
                 log.warning("process %d of driver %s survived SIGKILL", proc.pid, self.address)
 
     def first_error(self) -> str:
@@ -857,13 +525,6 @@ def _port_open(host: str, port: int, timeout: float = 0.5) -> bool:
 # --------------------------------------------------------------------------- a set of drivers
 
 
-def _stdout_is_tty() -> bool:
-    try:
-        return sys.stdout.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 class LocalDrivers:
     """A set of local drivers started together and stopped together.
 
@@ -900,11 +561,7 @@ class LocalDrivers:
             ports = _free_ports(host, count)
         if startup_timeout <= 0:
             raise ValueError("startup_timeout must be positive")
-        self._work_dir = (
-            Path(work_dir)
-            if work_dir is not None
-            else Path(tempfile.mkdtemp(prefix="spark-router-drivers-"))
-        )
+        self._work_dir = _work_dir(work_dir)
         self._java_home = java_home
         self.startup_timeout = startup_timeout
         _check_spark_conf(spark_conf or {})  # fail now rather than after the Java check
@@ -955,7 +612,7 @@ class LocalDrivers:
         java = check_java(self._java_home)
         log.debug("using Java %s at %s", java.version, java.path)
         self._work_dir.mkdir(parents=True, exist_ok=True)
-        use_rich = progress and _stdout_is_tty()
+        use_rich = wants_live(progress)
         try:
             for driver in self._drivers:
                 driver.start()
@@ -966,7 +623,7 @@ class LocalDrivers:
                         driver.process.pid if driver.process else -1,
                         driver.log_path,
                     )
-            with _display(self._drivers, use_rich) as update:
+            with live_display(self._drivers, use_rich) as update:
                 self._wait_all(update, quiet=use_rich)
         except BaseException:
             self.stop()
@@ -985,7 +642,7 @@ class LocalDrivers:
                 finally:
                     if announced[driver.address] != driver.state:
                         announced[driver.address] = driver.state
-                        _log_state(driver, quiet)
+                        log_state(driver, quiet)
                     update()
             if not pending:
                 return
@@ -1019,69 +676,3 @@ def _stop_quietly(driver: LocalDriver) -> Exception | None:
         log.exception("could not stop driver %s", driver.address)
         return exc
     return None
-
-
-def _log_state(driver: LocalDriver, quiet: bool) -> None:
-    """Log a state change; `quiet` (a live display shows it) turns progress lines to DEBUG."""
-    level = logging.DEBUG if quiet else logging.INFO
-    if driver.state == "port open":
-        log.log(level, "driver %s port open after %.1f s", driver.address, driver.elapsed)
-    elif driver.state == "ready":
-        log.log(level, "driver %s ready after %.1f s", driver.address, driver.elapsed)
-    elif driver.state == "failed":
-        log.error("driver %s failed after %.1f s", driver.address, driver.elapsed)
-
-
-_STATE_STYLE = {
-    "starting": "yellow",
-    "port open": "cyan",
-    "ready": "green",
-    "failed": "bold red",
-    "stopped": "dim",
-}
-
-
-@contextmanager
-def _display(drivers: Sequence[LocalDriver], use_rich: bool) -> Iterator[Callable[[], None]]:
-    """Yields an update() callable: with use_rich a live rich display, else a no-op."""
-    if not use_rich:
-        yield lambda: None
-        return
-    from rich.console import Console
-    from rich.progress import Progress, ProgressColumn, SpinnerColumn, Task, TextColumn
-    from rich.text import Text
-
-    # Columns read the drivers themselves, so state and seconds stay live on every refresh
-    # even while a readiness probe blocks the polling loop.
-    class StateColumn(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            state: str = task.fields["driver"].state
-            return Text(f"{state:<9}", style=_STATE_STYLE.get(state, ""))
-
-    class ElapsedColumn(ProgressColumn):
-        def render(self, task: Task) -> Text:
-            return Text(f"{task.fields['driver'].elapsed:6.1f} s")
-
-    progress = Progress(
-        SpinnerColumn(finished_text=" "),
-        TextColumn("Spark Connect driver [bold]{task.description}"),
-        StateColumn(),
-        ElapsedColumn(),
-        console=Console(file=sys.stdout),
-        transient=False,
-    )
-    tasks = [
-        (driver, progress.add_task(driver.address, total=1, driver=driver)) for driver in drivers
-    ]
-
-    def update() -> None:
-        for driver, task in tasks:
-            done = driver.state in ("ready", "failed")
-            progress.update(task, completed=1 if done else 0)
-
-    with progress:
-        update()
-        try:
-            yield update
-        finally:
-            update()

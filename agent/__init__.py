@@ -1,0 +1,1 @@
+"""The driver-side sidecar (`spark-router agent`): registers a driver, probes, heartbeats."""

@@ -1,0 +1,1 @@
+"""What every program here shares (router, agent, load test): imports nothing else of ours."""

@@ -1,0 +1,176 @@
+"""Driver health: the pure probe state machine and the one Spark Connect probe.
+
+Used by the router (router/health.py runs it for a replica's drivers), by the agent next
+to each driver, and by `up` while it waits for its local drivers.
+
+Invariants:
+- `apply_probe` is pure: the state after one more probe result. Thresholds, never flips on
+  one signal: `fail_threshold` failures in a row take a driver down, `recover_threshold`
+  successes in a row bring a down driver back; a driver that never answered stays
+  unregistered (`state is None`) until its first good probe.
+- A probe is one real Spark Connect `Config` call (get `spark.connect.grpc.binding.port`)
+  on a fresh channel with its own subchannel, bounded by its timeout (connecting included):
+  a refused, failing or hung driver fails it, and so does an answer for another session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = [
+    "PROBE_CONF",
+    "PROBE_SESSION_ID",
+    "PROBE_USER_ID",
+    "DriverState",
+    "HealthState",
+    "Probe",
+    "Thresholds",
+    "apply_probe",
+    "ask_binding_port",
+    "probe",
+]
+
+log = logging.getLogger(__name__)
+
+
+class DriverState(str, enum.Enum):
+    """Whether a driver takes new sessions."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    DOWN = "down"
+
+
+@dataclass(frozen=True)
+class HealthState:
+    """What is believed about a driver: the state announced and the current streaks."""
+
+    state: DriverState | None = None  # None: never answered, so not registered
+    good: int = 0  # consecutive successful probes
+    bad: int = 0  # consecutive failed probes
+
+    @property
+    def registered(self) -> bool:
+        """Whether the driver has answered once, so its record is written."""
+        return self.state is not None
+
+
+class Thresholds(Protocol):
+    """How many probes in a row change a driver's state (the agent's and the router's)."""
+
+    @property
+    def fail_threshold(self) -> int: ...
+
+    @property
+    def recover_threshold(self) -> int: ...
+
+
+def apply_probe(state: HealthState, ok: bool, settings: Thresholds) -> HealthState:
+    """The health after one more probe result (pure; thresholds, never one-probe flips)."""
+    if ok:
+        good = state.good + 1
+        current = state.state
+        if current is None:
+            current = DriverState.ACTIVE  # the first answer registers the driver
+        elif current is DriverState.DOWN and good >= settings.recover_threshold:
+            current = DriverState.ACTIVE
+        return HealthState(current, good=good, bad=0)
+    bad = state.bad + 1
+    current = state.state
+    if current is not None and current is not DriverState.DOWN and bad >= settings.fail_threshold:
+        current = DriverState.DOWN
+    return HealthState(current, good=0, bad=bad)
+
+
+# --------------------------------------------------------------------------- the probe
+
+PROBE_SESSION_ID = "0b6f3f5e-7a0c-4c55-9d8e-2f4a6c1b9e73"
+"""Session id of every probe; a constant so probes reuse one server session per driver."""
+PROBE_USER_ID = "spark-router-agent"
+PROBE_CONF = "spark.connect.grpc.binding.port"
+_CONFIG_METHOD = "/spark.connect.SparkConnectService/Config"
+_PROBE_CHANNEL_OPTIONS = [
+    # No proxy: an http_proxy in the environment would otherwise capture the probe.
+    ("grpc.enable_http_proxy", 0),
+    # Own subchannels: channels share the process-wide pool by default, and with it the
+    # reconnect backoff (1 s and growing) of a driver that was down, which would keep failing
+    # probes of a restarted driver whatever new channel they use.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+Probe = Callable[[str, float], Awaitable[bool]]
+
+
+@functools.cache
+def _probe_request() -> bytes:
+    """The serialized ConfigRequest every probe sends (pyspark is imported on first use)."""
+    from pyspark.sql.connect.proto import base_pb2
+
+    request = base_pb2.ConfigRequest(
+        session_id=PROBE_SESSION_ID,
+        user_context=base_pb2.UserContext(user_id=PROBE_USER_ID),
+        operation=base_pb2.ConfigRequest.Operation(
+            get=base_pb2.ConfigRequest.Get(keys=[PROBE_CONF])
+        ),
+        client_type=PROBE_USER_ID,
+    )
+    data: bytes = request.SerializeToString()
+    return data
+
+
+def _binding_port(raw: bytes) -> str | None:
+    """The binding-port conf of a Config answer ("" if absent); None if not the probe's."""
+    from pyspark.sql.connect.proto import base_pb2
+
+    response = base_pb2.ConfigResponse.FromString(raw)
+    if str(response.session_id) != PROBE_SESSION_ID:  # as pyspark checks its own answers
+        return None
+    for pair in response.pairs:
+        if pair.key == PROBE_CONF:
+            return str(pair.value)
+    return ""
+
+
+async def ask_binding_port(address: str, timeout: float) -> str | None:
+    """One probe of `address` within `timeout` s: the driver's binding port conf, None if none.
+
+    "" when the driver answered without the conf. `up` compares the answer with the port it
+    started the driver on: another answer means some other server holds the port.
+    """
+    import grpc
+    import grpc.aio
+
+    # A fresh channel per probe (with its own subchannel): a long-lived channel's reconnect
+    # backoff would keep reporting a restarted driver as unreachable long after it is back.
+    channel = grpc.aio.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS)
+    try:
+        call = channel.unary_unary(_CONFIG_METHOD)  # bytes in, bytes out
+        # The gRPC deadline covers connecting too; the outer bound is a safety net.
+        raw = await asyncio.wait_for(call(_probe_request(), timeout=timeout), timeout + 1.0)
+        answer = _binding_port(raw)
+        if answer is None:
+            log.debug("probe of %s: answer is not for the probe session", address)
+        return answer
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        log.debug("probe of %s failed: %s", address, code)
+        return None
+    except asyncio.TimeoutError:
+        log.debug("probe of %s: no answer within %ss", address, timeout)
+        return None
+    except Exception as exc:  # a probe reports; anything going wrong is a failed probe
+        log.debug("probe of %s failed: %r", address, exc)
+        return None
+    finally:
+        await channel.close()
+
+
+async def probe(address: str, timeout: float) -> bool:
+    """One Spark Connect Config call to `address` within `timeout` s; True if it answered."""
+    return await ask_binding_port(address, timeout) is not None

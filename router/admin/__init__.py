@@ -1,0 +1,1 @@
+"""The operator side: the admin HTTP listener, the records it shows, and the CLI's client."""

@@ -1,0 +1,1 @@
+"""The data plane: the way one call travels (intake, identify, forward, relay)."""

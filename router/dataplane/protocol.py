@@ -1,0 +1,274 @@
+"""Spark Connect knowledge the router needs: the method table and how to identify a call.
+
+A call is identified from its metadata and the raw bytes of its first request message:
+the session is the `x-spark-session-id` header when present, else field 1 (`session_id`)
+of the request; the user is `user_context.user_id` (field 2 → field 1). Nothing is
+deserialized with the generated classes (see wire.py).
+
+Invariants:
+- Methods unknown to the router are forwarded as stream-stream (the shape that carries any
+  call on the wire), as long as field 1 of their first message names the session.
+- A call whose session cannot be read, or whose header and body disagree, is rejected
+  with INVALID_ARGUMENT (errors.BadRequest); the router never guesses a session.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from router.dataplane import wire
+from router.errors import BadRequest
+
+SERVICE = "spark.connect.SparkConnectService"
+PATH_PREFIX = f"/{SERVICE}/"
+
+SESSION_HEADER = "x-spark-session-id"
+POOL_HEADER = "x-spark-pool"
+
+# Every Spark Connect request starts with these two fields.
+SESSION_ID_FIELD = 1
+USER_CONTEXT_FIELD = 2
+USER_ID_FIELD = 1  # inside UserContext
+
+# Session ids are UUIDs in Spark; anything much longer is garbage or abuse.
+MAX_SESSION_ID_LENGTH = 256
+
+
+class Shape(enum.Enum):
+    """The four gRPC call shapes."""
+
+    UNARY_UNARY = "unary_unary"
+    UNARY_STREAM = "unary_stream"
+    STREAM_UNARY = "stream_unary"
+    STREAM_STREAM = "stream_stream"
+
+    @property
+    def client_streaming(self) -> bool:
+        return self in (Shape.STREAM_UNARY, Shape.STREAM_STREAM)
+
+    @property
+    def server_streaming(self) -> bool:
+        return self in (Shape.UNARY_STREAM, Shape.STREAM_STREAM)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the router knows of one Spark Connect method (field numbers: SPARK_CONNECT.md)."""
+
+    name: str
+    shape: Shape
+    observed_field: int | None  # request: client_observed_server_side_session_id
+    response_server_side_field: int  # response: server_side_session_id
+    response_session_field: int  # response: session_id
+    operation_id_field: int | None = None  # request: operation_id
+
+    @property
+    def path(self) -> str:
+        return PATH_PREFIX + self.name
+
+
+_U, _US, _SU = Shape.UNARY_UNARY, Shape.UNARY_STREAM, Shape.STREAM_UNARY
+
+METHODS: Mapping[str, Method] = {
+    m.name: m
+    for m in (
+        Method("ExecutePlan", _US, 8, 15, 1, operation_id_field=6),
+        Method("AnalyzePlan", _U, 17, 15, 1),
+        Method("Config", _U, 8, 4, 1),
+        Method("AddArtifacts", _SU, 7, 3, 2),
+        Method("ArtifactStatus", _U, 5, 3, 2),
+        Method("Interrupt", _U, 7, 3, 1, operation_id_field=6),
+        Method("ReattachExecute", _US, 6, 15, 1, operation_id_field=3),
+        Method("ReleaseExecute", _U, 7, 3, 1, operation_id_field=3),
+        Method("ReleaseSession", _U, None, 2, 1),
+        Method("FetchErrorDetails", _U, 5, 3, 4),
+        Method("CloneSession", _U, 5, 2, 1),
+        Method("GetStatus", _U, 4, 2, 1),
+    )
+}
+
+
+# Calls that only clean up: for a dead driver the router answers them itself (releases.py).
+NOTHING_TO_MOVE = frozenset({"ReleaseExecute", "ReleaseSession"})
+
+# Calls that start something new, rather than continue or clean up an operation: a session
+# on a driver drained with move-idle moves on one of these when nothing of it is running.
+STARTS_FRESH = frozenset({"ExecutePlan", "AnalyzePlan", "Config", "AddArtifacts", "ArtifactStatus"})
+
+# Methods whose successful calls may build session state worth replaying (recorder.py).
+JOURNALED = frozenset({"Config", "ExecutePlan"})
+
+# ReleaseExecuteRequest.release_until (a cumulative release, as opposed to release_all).
+RELEASE_UNTIL_FIELD = 6
+
+# ExecutePlanResponse.result_complete: the last message of a successful execution.
+RESULT_COMPLETE_FIELD = 14
+
+
+def method_for_path(path: str) -> Method | None:
+    """The Method for a gRPC path of the Spark Connect service; a generic one for unknown names.
+
+    Returns None for paths outside the service (the server answers UNIMPLEMENTED).
+    """
+    if not path.startswith(PATH_PREFIX):
+        return None
+    name = path[len(PATH_PREFIX) :]
+    known = METHODS.get(name)
+    if known is not None:
+        return known
+    if not name or "/" in name:
+        return None
+    return Method(name, Shape.STREAM_STREAM, None, 0, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """Who and what one call is about, read in one pass over its metadata and first request.
+
+    Nothing downstream walks the first message again (the journal's slow path aside):
+    `observed_spans` lets a moved session's observed id be cut out by slicing, and
+    `releases_until` says whether a ReleaseExecute is a cumulative release.
+    """
+
+    method: Method
+    session_id: str
+    user_id: str
+    pool: str | None = None
+    operation_id: str | None = None  # when the method names one
+    observed_id: str | None = None  # client_observed_server_side_session_id, if sent
+    observed_spans: tuple[tuple[int, int], ...] = ()  # where that field sits in the bytes
+    releases_until: bool = False  # ReleaseExecute: release_until rather than release_all
+
+    def without_observed(self, first: bytes) -> bytes:
+        """The first request without its observed server-side id (for a moved session)."""
+        if not self.observed_spans:
+            return first
+        pieces, keep_from = [], 0
+        for start, end in self.observed_spans:
+            pieces.append(first[keep_from:start])
+            keep_from = end
+        pieces.append(first[keep_from:])
+        return b"".join(pieces)
+
+
+def _decode(raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise wire.WireError(f"{what} is not valid UTF-8") from exc
+
+
+def _header_text(value: str | bytes | None, key: str) -> str | None:
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"metadata {key!r} is not valid UTF-8") from exc
+    return value
+
+
+def identify(method: Method, metadata: Mapping[str, str | bytes], first: bytes) -> RequestInfo:
+    """Read the session, user and pool of a call; raise BadRequest when it cannot be routed."""
+    return identify_call(method, metadata.get(SESSION_HEADER), metadata.get(POOL_HEADER), first)
+
+
+def identify_call(
+    method: Method,
+    session_header: str | bytes | None,
+    pool_header: str | bytes | None,
+    first: bytes,
+) -> RequestInfo:
+    """`identify` from the two headers it reads, and one walk over the first request."""
+    header = _header_text(session_header, SESSION_HEADER)
+    observed_field = method.observed_field
+    operation_field = method.operation_id_field
+    release_field = RELEASE_UNTIL_FIELD if method.name == "ReleaseExecute" else None
+    body: bytes | None = None
+    user_context: bytes | None = None
+    operation: bytes | None = None
+    observed: bytes | None = None
+    spans: list[tuple[int, int]] = []
+    releases_until = False
+    try:
+        for number, wtype, tag_start, start, end in wire.iter_fields(first):
+            if number == SESSION_ID_FIELD:
+                body = _len_payload(first, number, wtype, start, end)
+            elif number == USER_CONTEXT_FIELD:
+                user_context = _len_payload(first, number, wtype, start, end)
+            elif number == observed_field:
+                observed = _len_payload(first, number, wtype, start, end)
+                spans.append((tag_start, end))
+            elif number == operation_field:
+                operation = _len_payload(first, number, wtype, start, end)
+            elif number == release_field:
+                releases_until = True
+        body_text = _decode(body, "session_id") if body is not None else None
+        user_id = ""
+        if user_context:
+            user_id = wire.read_string(user_context, USER_ID_FIELD) or ""
+        operation_id = _decode(operation, "operation_id") if operation is not None else None
+        observed_id = _decode(observed, "the observed session id") if observed is not None else None
+    except wire.WireError as exc:
+        raise BadRequest(
+            f"{method.name}: the request is not a valid Spark Connect message ({exc})"
+        ) from exc
+    if header and body_text and header != body_text:
+        raise BadRequest(
+            f"{method.name}: header {SESSION_HEADER}={header!r} and request "
+            f"session_id={body_text!r} name different sessions; send the same id in both, "
+            "or drop the header"
+        )
+    session_id = header or body_text
+    if not session_id:
+        raise BadRequest(
+            f"{method.name}: no session id; set the request's session_id (field 1) or the "
+            f"{SESSION_HEADER} metadata, e.g. sc://host:15002/;{SESSION_HEADER}=<uuid>"
+        )
+    if len(session_id) > MAX_SESSION_ID_LENGTH:
+        raise BadRequest(
+            f"{method.name}: session id is {len(session_id)} characters long; "
+            f"at most {MAX_SESSION_ID_LENGTH} are accepted (Spark uses UUIDs)"
+        )
+    return RequestInfo(
+        method,
+        session_id,
+        user_id,
+        _header_text(pool_header, POOL_HEADER),
+        operation_id,
+        observed_id,
+        tuple(spans),
+        releases_until,
+    )
+
+
+def _len_payload(buf: bytes, number: int, wtype: int, start: int, end: int) -> bytes:
+    if wtype != wire.LEN:
+        raise wire.WireError(f"field {number} has wire type {wtype}, expected length-delimited")
+    return buf[start:end]
+
+
+def for_driver(method: Method, alias: str | None, request: bytes) -> bytes:
+    """A request as its driver must see it: a moved session's old server-side id removed.
+
+    `alias` is the server-side id a moved session's client keeps seeing (None: not moved).
+    """
+    if alias is None or method.observed_field is None:
+        return request
+    return wire.strip_field(request, method.observed_field)
+
+
+def for_client(method: Method, alias: str | None, response: bytes) -> bytes:
+    """A response as the client must see it: a moved session keeps its first server-side id."""
+    if alias is None or not method.response_server_side_field:
+        return response
+    return wire.replace_string(response, method.response_server_side_field, alias)
+
+
+def completes(response: bytes) -> bool:
+    """Whether an ExecutePlan response says the execution completed."""
+    try:
+        return wire.read_bytes(response, RESULT_COMPLETE_FIELD) is not None
+    except wire.WireError:
+        return False

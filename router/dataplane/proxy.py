@@ -1,0 +1,545 @@
+"""The data plane: one generic gRPC handler that forwards Spark Connect calls as raw bytes.
+
+Every call under `/spark.connect.SparkConnectService/` is taken with its real shape (the
+twelve known methods) or as stream-stream (methods this router does not know yet). The
+first request message is read as bytes to identify the session (protocol.identify), the
+session is placed (placement), and the call is replayed on the driver's channel with the
+same bytes, metadata (less hop-by-hop and pseudo headers), deadline and cancellation.
+
+Invariants:
+- Messages are never deserialized or copied into new objects here; responses are relayed
+  one at a time, so a slow client holds back the driver (gRPC flow control) instead of
+  making the router buffer a result.
+- Whatever the driver answers — status code, details, initial and trailing metadata
+  (Spark's error details ride in `grpc-status-details-bin`) — reaches the client intact.
+- Failures the router detects are raised as errors.RouterError and mapped to a status in
+  errors.to_status; an unreachable driver is UNAVAILABLE naming the driver.
+- A client that cancels (or whose deadline passes) cancels the upstream call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from typing import Any, NoReturn
+
+import grpc
+import grpc.aio
+
+from registry.base import Registry
+from registry.models import Pin
+from router import errors
+from router.config import Settings
+from router.dataplane import protocol
+from router.dataplane.protocol import Method, RequestInfo, Shape
+from router.dataplane.recorder import Recorder
+from router.dataplane.releases import Releases
+from router.errors import BadRequest, DriverUnreachable, NoLiveDriver
+from router.health import Health
+from router.sessions.migration import Mover, Reason
+from router.sessions.placement import Placement
+from router.telemetry import CallObservation, MethodMetrics
+from router.upstreams import Upstreams
+
+log = logging.getLogger(__name__)
+
+Metadata = Sequence[tuple[str, str | bytes]]
+
+# Never forwarded: HTTP/2 pseudo and connection headers, gRPC's own headers, and the
+# user agent (the upstream channel sets its own; Spark reads the client from the request).
+_DROP_EXACT = frozenset(
+    {
+        "te",
+        "content-type",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "user-agent",
+    }
+)
+
+# time_remaining() without a client deadline is effectively infinite.
+_NO_DEADLINE = 1e8
+
+
+def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
+    """The metadata a proxy may pass on: no pseudo, hop-by-hop or grpc- headers."""
+    if not metadata:
+        return []
+    return [
+        (k, v)
+        for k, v in metadata
+        if k not in _DROP_EXACT and not k.startswith(":") and not k.startswith("grpc-")
+    ]
+
+
+def _as_dict(metadata: Metadata | None) -> dict[str, str | bytes]:
+    return dict(metadata) if metadata else {}
+
+
+class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
+    """The generic handler: identifies, places and forwards every Spark Connect call."""
+
+    def __init__(
+        self,
+        placement: Placement,
+        upstreams: Upstreams,
+        health: Health,
+        registry: Registry,
+        settings: Settings,
+    ) -> None:
+        self._placement = placement
+        self._upstreams = upstreams
+        self._health = health
+        self._registry = registry
+        self._settings = settings
+        self._telemetry = placement.telemetry
+        self.open_streams: dict[str, int] = {}  # session -> its response streams open here
+        self._mover = Mover(placement, registry, upstreams, settings.migration, self._telemetry)
+        self._releases = Releases(upstreams, self._telemetry, placement.release)
+        self._recorder = Recorder(
+            registry, settings.journal_max_bytes, self._telemetry, placement.note_registry_error
+        )
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {
+            m.path: self._make_handler(m) for m in protocol.METHODS.values()
+        }
+
+    # --- grpc.GenericRpcHandler -------------------------------------------------------
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        """The handler for one call's method; None (UNIMPLEMENTED) outside the service."""
+        path: str = handler_call_details.method
+        handler = self._handlers.get(path)
+        if handler is not None:
+            return handler
+        method = protocol.method_for_path(path)
+        if method is None:
+            return None
+        # Unknown methods are rare (a newer client); build their handler per call
+        # rather than growing a cache from client-chosen names.
+        return self._make_handler(method)
+
+    def _make_handler(self, method: Method) -> grpc.RpcMethodHandler:
+        # partial() keeps the coroutine / async-generator nature grpc.aio inspects; the
+        # method's metric children are bound here once, not looked up per call.
+        label = method.name if method.name in protocol.METHODS else "other"
+        metrics = self._telemetry.method_metrics(label)
+        if method.shape is Shape.UNARY_UNARY:
+            return grpc.unary_unary_rpc_method_handler(partial(self._unary_unary, method, metrics))
+        if method.shape is Shape.UNARY_STREAM:
+            return grpc.unary_stream_rpc_method_handler(
+                partial(self._unary_stream, method, metrics)
+            )
+        if method.shape is Shape.STREAM_UNARY:
+            return grpc.stream_unary_rpc_method_handler(
+                partial(self._stream_unary, method, metrics)
+            )
+        return grpc.stream_stream_rpc_method_handler(partial(self._stream_stream, method, metrics))
+
+    # --- the four shapes ------------------------------------------------------------------
+    # Each shape is one coroutine (or async generator) per call that observes itself:
+    # metrics and the call's span start and end here. Unary-request shapes may be retried
+    # once on a new placement when the driver could not be reached and nothing was sent to
+    # the client yet; client-streaming ones cannot (their requests are consumed as they are
+    # forwarded).
+
+    async def _unary_unary(
+        self,
+        method: Method,
+        metrics: MethodMetrics,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        raw_md = context.invocation_metadata()
+        obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
+        with obs:
+            info, md, pin = await self._routed(method, raw_md, request, context, obs)
+            timeout = _timeout(context)
+            placement = self._placement
+            if method.name == "ReleaseExecute" and placement.is_live(pin.driver):
+                released = self._releases.coalesce(method, info, pin, request, md)
+                if released is not None:
+                    return released
+            for attempt in (1, 2):
+                if method.name in protocol.NOTHING_TO_MOVE and not placement.is_live(pin.driver):
+                    return await self._releases.answer_for_dead_driver(method, info)
+                call = self._dial("unary_unary", method, pin, info, request, md, timeout, obs)
+                try:
+                    response: bytes = await call
+                    obs.first_response()
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    pin = await self._failed_over(
+                        exc, attempt, pin, method, request, info, md, context, obs
+                    )
+            alias = pin.server_side_id
+            await _relay_metadata(context, call)
+            if method.name in protocol.JOURNALED:
+                await self._recorder.record(info.session_id, method, request)
+            elif method.name == "ReleaseSession":
+                await placement.release(info.session_id)
+            return response if alias is None else protocol.for_client(method, alias, response)
+
+    async def _unary_stream(
+        self,
+        method: Method,
+        metrics: MethodMetrics,
+        request: bytes,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        raw_md = context.invocation_metadata()
+        obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
+        call: Any = None
+        session_id: str | None = None
+        with obs:
+            try:
+                info, md, pin = await self._routed(method, raw_md, request, context, obs)
+                timeout = _timeout(context)
+                session_id = info.session_id
+                self.open_streams[session_id] = self.open_streams.get(session_id, 0) + 1
+                for attempt in (1, 2):
+                    call = self._dial("unary_stream", method, pin, info, request, md, timeout, obs)
+                    try:
+                        response = await call.read()
+                        obs.first_response()
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        pin = await self._failed_over(
+                            exc, attempt, pin, method, request, info, md, context, obs
+                        )
+                alias = pin.server_side_id
+                # A state-building call is journaled when its result is complete, before the
+                # client sees that: pyspark may end the call right then, which would cancel
+                # anything this handler meant to do after its last message.
+                entry = self._recorder.entry(method, request)
+                try:
+                    initial = await call.initial_metadata()
+                    if initial:
+                        await _send_initial(context, initial)
+                    while response is not grpc.aio.EOF:
+                        obs.bytes_to_client += len(response)
+                        if entry is not None and protocol.completes(response):
+                            await self._recorder.append(session_id, entry)
+                            entry = None
+                        yield (
+                            response
+                            if alias is None
+                            else protocol.for_client(method, alias, response)
+                        )
+                        response = await call.read()
+                    trailing = await call.trailing_metadata()
+                    if trailing:
+                        context.set_trailing_metadata(tuple(trailing))
+                except grpc.aio.AioRpcError as exc:
+                    await self._relay_error(context, exc, pin)
+                if entry is not None:  # a stream that ended without a result_complete message
+                    await self._recorder.append(session_id, entry)
+            finally:
+                if session_id is not None:
+                    if self.open_streams[session_id] <= 1:
+                        del self.open_streams[session_id]
+                    else:
+                        self.open_streams[session_id] -= 1
+                # Client cancel, deadline or an error on our side: stop the driver's work too.
+                if call is not None and not call.done():
+                    call.cancel()
+
+    async def _stream_unary(
+        self,
+        method: Method,
+        metrics: MethodMetrics,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+    ) -> bytes:
+        raw_md = context.invocation_metadata()
+        obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
+        with obs:
+            first = await self._first_request(method, requests, context)
+            info, md, pin = await self._routed(method, raw_md, first, context, obs)
+            outgoing = self._outgoing_stream(method, pin, info, first, requests, obs)
+            tape = self._recorder.tape(method)
+            call = self._upstreams.call(pin.driver, "stream_unary", method.path)(
+                tape.record(outgoing) if tape else outgoing,
+                metadata=obs.forwarding(pin.driver, pin.pool, md),
+                timeout=_timeout(context),
+            )
+            try:
+                response: bytes = await call
+            except grpc.aio.AioRpcError as exc:
+                await self._relay_error(context, exc, pin)
+            await _relay_metadata(context, call)
+            obs.first_response()
+            if tape is not None:
+                await self._recorder.record_tape(info.session_id, method, tape)
+            return protocol.for_client(method, pin.server_side_id, response)
+
+    async def _stream_stream(
+        self,
+        method: Method,
+        metrics: MethodMetrics,
+        requests: AsyncIterator[bytes],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[bytes]:
+        raw_md = context.invocation_metadata()
+        obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
+        with obs:
+            first = await self._first_request(method, requests, context)
+            info, md, pin = await self._routed(method, raw_md, first, context, obs)
+            call = self._upstreams.call(pin.driver, "stream_stream", method.path)(
+                self._outgoing_stream(method, pin, info, first, requests, obs),
+                metadata=obs.forwarding(pin.driver, pin.pool, md),
+                timeout=_timeout(context),
+            )
+            try:
+                initial = await call.initial_metadata()
+                if initial:
+                    await _send_initial(context, initial)
+                response = await call.read()
+                obs.first_response()
+                while response is not grpc.aio.EOF:
+                    obs.bytes_to_client += len(response)
+                    yield protocol.for_client(method, pin.server_side_id, response)
+                    response = await call.read()
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(tuple(trailing))
+            except grpc.aio.AioRpcError as exc:
+                await self._relay_error(context, exc, pin)
+            finally:
+                if not call.done():
+                    call.cancel()
+
+    # --- moved sessions: identity, journal, replay ------------------------------------------
+
+    async def _outgoing_stream(
+        self,
+        method: Method,
+        pin: Pin,
+        info: RequestInfo,
+        first: bytes,
+        rest: AsyncIterator[bytes],
+        obs: CallObservation,
+    ) -> AsyncIterator[bytes]:
+        alias = pin.server_side_id
+        obs.bytes_to_driver += len(first)
+        yield first if alias is None else info.without_observed(first)
+        async for request in rest:
+            obs.bytes_to_driver += len(request)
+            yield protocol.for_driver(method, alias, request)
+
+    def _dial(
+        self,
+        shape: str,
+        method: Method,
+        pin: Pin,
+        info: RequestInfo,
+        request: bytes,
+        md: list[tuple[str, str | bytes]],
+        timeout: float | None,
+        obs: CallObservation,
+    ) -> Any:
+        """Start the upstream call of a unary-request shape on the driver of `pin`."""
+        alias = pin.server_side_id
+        return self._upstreams.call(pin.driver, shape, method.path)(
+            request if alias is None else info.without_observed(request),
+            metadata=obs.forwarding(pin.driver, pin.pool, md),
+            timeout=timeout,
+        )
+
+    async def _failed_over(
+        self,
+        exc: grpc.aio.AioRpcError,
+        attempt: int,
+        pin: Pin,
+        method: Method,
+        request: bytes,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
+    ) -> Pin:
+        """After a first attempt found its driver gone: the pin to retry on; else the error."""
+        obs.first_response()
+        if attempt == 1 and await self._driver_died(exc, pin):
+            return await self._placed(method, request, info, md, context, obs)
+        await self._relay_error(context, exc, pin)
+
+    async def _driver_died(self, exc: grpc.aio.AioRpcError, pin: Pin) -> bool:
+        """Whether a failed call means its driver is gone (confirmed by a probe)."""
+        if not errors.is_transport_failure(exc.code(), exc.details()):
+            return False
+        return await self._health.confirm_failure(pin.driver)
+
+    async def _placed(
+        self,
+        method: Method,
+        first: bytes,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
+    ) -> Pin:
+        """The session's pin, moving it (sessions/migration.py) if its driver is dead."""
+        try:
+            pin = await self._placement.place(info.session_id, info.pool, info.user_id or None)
+            if self._placement.is_live(pin.driver):
+                if pin.driver in self._placement.move_idle:
+                    return await self._move_idle(method, info, md, pin, obs)
+                return pin
+            if method.name in protocol.NOTHING_TO_MOVE:
+                return pin  # answered for the dead driver (releases.py): nothing to rebuild
+            try:
+                pin, obs.moved = await self._mover.move(
+                    pin, Reason.DRIVER_DOWN, observed=info.observed_id, metadata=md
+                )
+            except NoLiveDriver as exc:
+                raise NoLiveDriver(f"driver {pin.driver} is down and {exc}") from exc
+            return pin
+        except Exception as exc:
+            await _abort(context, exc)
+
+    async def _move_idle(
+        self,
+        method: Method,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        pin: Pin,
+        obs: CallObservation,
+    ) -> Pin:
+        """Move a session off a driver drained with move-idle, if it can go unnoticed now.
+
+        It goes only on a call that starts something new while none of its streams is open
+        here, with its identity kept and its state replayed (the mover leaves a session
+        whose journal overflowed); otherwise it stays (for now, or until the driver is
+        retired, when it moves as from a dead driver).
+        """
+        if (
+            method.name not in protocol.STARTS_FRESH
+            or info.session_id in self.open_streams
+            or self._settings.migration != "replay"
+            # The client has not shown its server-side id yet: a later call will. Checked
+            # here too, so such calls cost no journal read.
+            or not (pin.server_side_id or info.observed_id)
+        ):
+            return pin
+        try:
+            new, obs.moved = await self._mover.move(
+                pin, Reason.DRAIN, observed=info.observed_id, metadata=md
+            )
+        except NoLiveDriver:
+            return pin  # nowhere to go: the drained driver keeps it
+        return new
+
+    async def move_session(self, session_id: str, target: str | None = None) -> Pin:
+        """Move a session now (the admin API), as sessions/migration.py moves any session.
+
+        Raises LookupError for an unknown session, NoLiveDriver when there is nowhere to go.
+        """
+        pin = await self._registry.get_pin(session_id)
+        if pin is None:
+            raise LookupError(f"no session {session_id!r} is pinned")
+        if target == pin.driver:
+            return pin
+        moved, _ = await self._mover.move(pin, Reason.ADMIN, target=target)
+        return moved
+
+    # --- shared steps -------------------------------------------------------------------
+
+    async def _routed(
+        self,
+        method: Method,
+        raw_md: Metadata | None,
+        first: bytes,
+        context: grpc.aio.ServicerContext,
+        obs: CallObservation,
+    ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin]:
+        """Identify and place a call: (info, metadata to forward, pin); bad input ends it."""
+        try:
+            info, md, pin = self._route(method, raw_md, first, obs)
+        except BadRequest as exc:
+            await _abort(context, exc)
+        if pin is None:  # not a known session on a live driver: the slow path
+            pin = await self._placed(method, first, info, md, context, obs)
+        return info, md, pin
+
+    def _route(
+        self, method: Method, raw_md: Metadata | None, first: bytes, obs: CallObservation
+    ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin | None]:
+        """Identify a call (BadRequest on bad input): (info, metadata to forward, pin or None).
+
+        The pin is there for a known session on a live driver, the common case: no registry,
+        no await. None sends the call down the slow path (`_placed`): place, follow or move.
+        """
+        info = protocol.identify(method, _as_dict(raw_md), first)
+        if self._telemetry.tracer is not None:
+            obs.identified(info.session_id, info.user_id, info.operation_id)
+        placement = self._placement
+        pin = placement.known(info.session_id)
+        if pin is not None and (
+            pin.driver in placement.move_idle or not placement.is_live(pin.driver)
+        ):
+            pin = None
+        return info, forwardable(raw_md), pin
+
+    async def _first_request(
+        self, method: Method, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> bytes:
+        try:
+            return await requests.__anext__()
+        except StopAsyncIteration:
+            await _abort(
+                context,
+                BadRequest(f"{method.name}: the client closed the stream without a request"),
+            )
+
+    async def _relay_error(
+        self, context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError, pin: Pin
+    ) -> NoReturn:
+        code, details = exc.code(), exc.details()
+        if errors.is_transport_failure(code, details):
+            await _abort(
+                context, DriverUnreachable(f"driver {pin.driver} (pool {pin.pool}): {details}")
+            )
+        await _end(context, code, details or "", tuple(exc.trailing_metadata() or ()))
+
+
+async def _relay_metadata(context: grpc.aio.ServicerContext, call: Any) -> None:
+    """After a single response: relay the driver's initial and trailing metadata."""
+    initial = await call.initial_metadata()
+    if initial:
+        await _send_initial(context, initial)
+    trailing = await call.trailing_metadata()
+    if trailing:
+        context.set_trailing_metadata(tuple(trailing))
+
+
+async def _send_initial(context: grpc.aio.ServicerContext, initial: Metadata) -> None:
+    """Relay the driver's initial metadata (less what a proxy must not pass on)."""
+    forwarded = forwardable(initial)
+    if forwarded:
+        await context.send_initial_metadata(tuple(forwarded))
+
+
+def _timeout(context: grpc.aio.ServicerContext) -> float | None:
+    """The upstream deadline: what is left of the client's, or none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE else max(remaining, 0.0)
+
+
+async def _end(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str, trailers: Any = ()
+) -> NoReturn:
+    """End a call with a status (context.abort raises to unwind the handler)."""
+    await context.abort(code, details, trailers)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    """End a call with the status errors.to_status gives for `exc`."""
+    await _end(context, *errors.to_status(exc))

@@ -1,0 +1,112 @@
+"""`spark-router up`: local drivers, then a router replica in front of them, in one process.
+
+Invariants
+----------
+* Cheap checks first: the router's port (and the admin port, unless it is off) and Java are
+  checked before any JVM starts, so a mistake costs no start-up time and leaves nothing behind.
+* Nothing outlives `up`: from the start SIGTERM unwinds like an exception, and the drivers are
+  stopped on every way out (served and signalled, start-up failure, Ctrl-C); a SIGKILL of the
+  process is left to the drivers' PDEATHSIG.
+* Exit codes: 0 after serving, 3 could not start (`EXIT_STARTUP_FAILURE`), 130 Ctrl-C and
+  128 + N signal N during start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import signal
+import socket
+
+import click
+
+from common.addresses import split_host_port
+from common.lifecycle import EXIT_STARTUP_FAILURE
+from router.config import Settings
+from router.local.driver import LocalDrivers
+from router.local.java import LocalDriverError, check_java
+from router.server import Replica, StartupError, run_async, serve_until_signal
+
+__all__ = ["run_up"]
+
+
+def _check_port_free(listen: str) -> None:
+    """Fail before the slow driver start-up if the router's port is taken."""
+    host, port = split_host_port(listen)
+    if port == 0:
+        return
+    family = socket.AF_INET6 if host.startswith("[") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise StartupError(f"cannot listen on {listen}: {reason}") from exc
+
+
+def _client_url(address: str) -> str:
+    host, port = split_host_port(address)
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = "localhost"
+    return f"sc://{host}:{port}"
+
+
+def run_up(settings: Settings) -> int:
+    """`up`: drivers, then the router; everything stopped on the way out."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # Until the router's own handlers take over, SIGTERM must unwind through the
+    # `finally` below so the drivers are stopped, not orphaned.
+    signal.signal(signal.SIGTERM, on_term)
+    drivers: LocalDrivers | None = None
+    try:
+        _check_port_free(settings.listen)
+        if settings.admin_host_port is not None:
+            try:
+                _check_port_free(settings.admin_listen)
+            except StartupError as exc:
+                raise StartupError(f"admin_listen: {exc} (admin_listen: off turns it off)") from exc
+        check_java(settings.java_home)
+        drivers = LocalDrivers(
+            settings.local_drivers,
+            memory=settings.driver_memory,
+            java_home=settings.java_home,
+            spark_conf=settings.spark_conf,
+            startup_timeout=settings.driver_startup_timeout_seconds,
+        )
+        click.echo(
+            f"Starting {settings.local_drivers} Spark Connect driver(s) "
+            f"(logs in {drivers.work_dir}) ...",
+            err=True,
+        )
+        addresses = drivers.start(progress=True)
+        replica = Replica(settings, drivers=addresses)
+        ready = asyncio.Event()
+
+        async def main() -> None:
+            async def announce() -> None:
+                await ready.wait()
+                url = _client_url(replica.address)
+                click.echo(f"\nSpark Connect router ready: {url}")
+                click.echo(f'  pyspark: SparkSession.builder.remote("{url}").getOrCreate()')
+                click.echo(f"  drivers: {', '.join(addresses)}    Ctrl-C stops everything\n")
+
+            task = asyncio.ensure_future(announce())
+            try:
+                await serve_until_signal(replica, ready)
+            finally:
+                task.cancel()
+
+        run_async(main(), settings.event_loop)
+        return 0
+    except (StartupError, LocalDriverError) as exc:
+        click.echo(f"spark-router: {exc}", err=True)
+        return EXIT_STARTUP_FAILURE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if drivers is not None:
+            click.echo("Stopping drivers ...", err=True)
+            drivers.stop()
