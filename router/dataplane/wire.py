@@ -28,9 +28,11 @@ class WireError(ValueError):
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
     """Decode a varint at `pos`; return (value, position after it)."""
+    end = len(buf)
+    if pos < end and buf[pos] < 0x80:  # one byte: nearly every tag and length on the hot path
+        return buf[pos], pos + 1
     result = 0
     shift = 0
-    end = len(buf)
     for i in range(pos, min(pos + _MAX_VARINT_BYTES, end)):
         b = buf[i]
         result |= (b & 0x7F) << shift
@@ -114,10 +116,19 @@ def iter_fields(
     while pos < end:
         start = pos
         try:
-            tag, pos = read_varint(data, pos)
+            # One-byte tags and lengths are read inline: this walk is on every call's path.
+            tag = data[pos]
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = read_varint(data, pos)
             number, wtype = tag >> 3, tag & 7
             if wtype == LEN:
-                size, pos = read_varint(data, pos)
+                if pos < end and data[pos] < 0x80:
+                    size = data[pos]
+                    pos += 1
+                else:
+                    size, pos = read_varint(data, pos)
                 value_end = pos + size
                 if number == 0:
                     raise WireError("field number 0 is invalid")
