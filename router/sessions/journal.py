@@ -104,19 +104,13 @@ _GLOBAL_TEMP_DATABASE = "global_temp"  # Spark's default spark.sql.globalTempDat
 _MAX_NESTING = 8  # with_relations inside with_relations...
 _MAX_SET_TOKENS = 256  # how far `SET key ... = value` is searched for its `=`
 
-# --- a zero-copy walk over (possibly truncated) wire data --------------------------------
-
-
-def _fields(view: memoryview, partial: bool = False) -> Iterator[tuple[int, int, int, int]]:
-    """Yield (number, wire type, value start, value end) per top-level field (`partial`: prefix)."""
-    for number, wtype, _, start, end in wire.iter_fields(view, partial):
-        yield number, wtype, start, end
+# --- zero-copy reads over (possibly truncated) wire data (wire.iter_fields walks) ---------
 
 
 def _message(view: memoryview, field: int, partial: bool = False) -> memoryview | None:
     """The payload of the last occurrence of a message field (no copy), or None."""
     found: memoryview | None = None
-    for number, wtype, start, end in _fields(view, partial):
+    for number, wtype, _, start, end in wire.iter_fields(view, partial):
         if number == field:
             if wtype != wire.LEN:
                 raise wire.WireError(f"field {field} is not length-delimited")
@@ -131,7 +125,7 @@ def _oneof(
     # The last member on the wire wins. `members` None: every field but a Relation's
     # `common`. Occurrences of one member would merge; the last is enough to read its kind.
     found: tuple[int, memoryview] | None = None
-    for number, wtype, start, end in _fields(view, partial):
+    for number, wtype, _, start, end in wire.iter_fields(view, partial):
         if (number != _REL_COMMON) if members is None else (number in members):
             if wtype != wire.LEN:
                 raise wire.WireError(f"field {number} is not length-delimited")
@@ -142,7 +136,7 @@ def _oneof(
 def _varint_field(view: memoryview, field: int) -> int | None:
     """The last value of a top-level varint field, or None."""
     value: int | None = None
-    for number, wtype, start, _ in _fields(view):
+    for number, wtype, _, start, _ in wire.iter_fields(view):
         if number == field and wtype == wire.VARINT:
             value = wire.read_varint(cast(bytes, view), start)[0]
     return value
@@ -374,7 +368,7 @@ def _sql_command_text(sql_command: memoryview, partial: bool) -> str | None:
     """The SQL of a SqlCommand: from its `input` relation, else its deprecated `sql` string."""
     text: memoryview | None = None
     relation: memoryview | None = None
-    for number, wtype, start, end in _fields(sql_command, partial):
+    for number, wtype, _, start, end in wire.iter_fields(sql_command, partial):
         if wtype != wire.LEN:
             continue
         if number == _SQLCMD_SQL:
