@@ -234,7 +234,6 @@ class Telemetry:
         self.in_flight_of = {k: self.in_flight.labels(k) for k in ("unary", "stream")}
         self.bytes_to_client = self.bytes.labels("to_client")
         self.bytes_to_driver = self.bytes.labels("to_driver")
-        self._timers: dict[str, tuple[Any, Any, Any]] = {}
         self._methods: dict[str, MethodMetrics] = {}
         self.tracer: Any = None
         self._provider: Any = None
@@ -274,17 +273,6 @@ class Telemetry:
         with contextlib.suppress(KeyError):
             self.driver_up.remove(driver)
 
-    def timers(self, method: str) -> tuple[Any, Any, Any]:
-        """The call, route and driver histograms of a method (cached children)."""
-        found = self._timers.get(method)
-        if found is None:
-            found = self._timers[method] = (
-                self.call_seconds.labels(method),
-                self.route_seconds.labels(method),
-                self.driver_seconds.labels(method),
-            )
-        return found
-
     # --- tracing --------------------------------------------------------------------------
 
     def use_tracer_provider(self, provider: Any) -> None:
@@ -300,10 +288,6 @@ class Telemetry:
             return
         with self.tracer.start_as_current_span(name, attributes=attributes) as span:
             yield span
-
-    def begin(self, method: str, kind: str, metadata: Metadata | None) -> CallObservation:
-        """Start observing one call."""
-        return CallObservation(self, self.method_metrics(method), kind, metadata)
 
     def method_metrics(self, method: str) -> MethodMetrics:
         """The metric children of one method, bound once (the proxy keeps one per handler)."""
@@ -356,7 +340,9 @@ class MethodMetrics:
     def __init__(self, telemetry: Telemetry, method: str) -> None:
         self._t = telemetry
         self.method = method
-        self.call_seconds, self.route_seconds, self.driver_seconds = telemetry.timers(method)
+        self.call_seconds = telemetry.call_seconds.labels(method)
+        self.route_seconds = telemetry.route_seconds.labels(method)
+        self.driver_seconds = telemetry.driver_seconds.labels(method)
         # Indexed by the status code's number (0-16): a list, not a dict, per finished call.
         self._codes: list[Any] = [None] * (max(c.value[0] for c in grpc.StatusCode) + 1)
 

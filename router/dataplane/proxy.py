@@ -213,42 +213,20 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         pin = await self._failed_over(
                             exc, attempt, pin, method, request, info, md, context, obs
                         )
-                alias = pin.server_side_id
-                # A state-building call is journaled when its result is complete, before the
-                # client sees that: pyspark may end the call right then, which would cancel
-                # anything this handler meant to do after its last message.
                 entry = self._recorder.entry(method, request)
-                try:
-                    initial = await call.initial_metadata()
-                    if initial:
-                        await _send_initial(context, initial)
-                    while response is not grpc.aio.EOF:
-                        obs.bytes_to_client += len(response)
-                        if entry is not None and protocol.completes(response):
-                            await self._recorder.append(session_id, entry)
-                            entry = None
-                        yield (
-                            response
-                            if alias is None
-                            else protocol.for_client(method, alias, response)
-                        )
-                        response = await call.read()
-                    trailing = await call.trailing_metadata()
-                    if trailing:
-                        context.set_trailing_metadata(tuple(trailing))
-                except grpc.aio.AioRpcError as exc:
-                    await self._relay_error(context, exc, pin)
-                if entry is not None:  # a stream that ended without a result_complete message
-                    await self._recorder.append(session_id, entry)
+                journal = None if entry is None else (session_id, entry)
+                async for message in self._relay_stream(
+                    context, call, pin, method, obs, response, journal
+                ):
+                    yield message
             finally:
                 if session_id is not None:
                     if self.open_streams[session_id] <= 1:
                         del self.open_streams[session_id]
                     else:
                         self.open_streams[session_id] -= 1
-                # Client cancel, deadline or an error on our side: stop the driver's work too.
                 if call is not None and not call.done():
-                    call.cancel()
+                    call.cancel()  # the client went away before the stream began
 
     async def _stream_unary(
         self,
@@ -296,24 +274,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 metadata=obs.forwarding(pin.driver, pin.pool, md),
                 timeout=_timeout(context),
             )
-            try:
-                initial = await call.initial_metadata()
-                if initial:
-                    await _send_initial(context, initial)
-                response = await call.read()
-                obs.first_response()
-                while response is not grpc.aio.EOF:
-                    obs.bytes_to_client += len(response)
-                    yield protocol.for_client(method, pin.server_side_id, response)
-                    response = await call.read()
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(tuple(trailing))
-            except grpc.aio.AioRpcError as exc:
-                await self._relay_error(context, exc, pin)
-            finally:
-                if not call.done():
-                    call.cancel()
+            async for message in self._relay_stream(context, call, pin, method, obs):
+                yield message
 
     # --- moved sessions: identity, journal, replay ------------------------------------------
 
@@ -497,6 +459,48 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context,
                 BadRequest(f"{method.name}: the client closed the stream without a request"),
             )
+
+    async def _relay_stream(
+        self,
+        context: grpc.aio.ServicerContext,
+        call: Any,
+        pin: Pin,
+        method: Method,
+        obs: CallObservation,
+        first: Any = None,
+        journal: tuple[str, bytes] | None = None,
+    ) -> AsyncIterator[bytes]:
+        """Relay a response stream one message at a time (`first` already read), then trailers.
+
+        `journal` (session, entry) is a state-building call's journal entry: appended when its
+        result is complete, before the client sees that: pyspark may end the call right then,
+        which would cancel anything this handler meant to do after its last message.
+        """
+        alias = pin.server_side_id
+        try:
+            initial = await call.initial_metadata()
+            if initial:
+                await _send_initial(context, initial)
+            response = first if first is not None else await call.read()
+            obs.first_response()
+            while response is not grpc.aio.EOF:
+                obs.bytes_to_client += len(response)
+                if journal is not None and protocol.completes(response):
+                    await self._recorder.append(*journal)
+                    journal = None
+                yield response if alias is None else protocol.for_client(method, alias, response)
+                response = await call.read()
+            trailing = await call.trailing_metadata()
+            if trailing:
+                context.set_trailing_metadata(tuple(trailing))
+        except grpc.aio.AioRpcError as exc:
+            await self._relay_error(context, exc, pin)
+        finally:
+            # Client cancel, deadline or an error on our side: stop the driver's work too.
+            if not call.done():
+                call.cancel()
+        if journal is not None:  # a stream that ended without a result_complete message
+            await self._recorder.append(*journal)
 
     async def _relay_error(
         self, context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError, pin: Pin
