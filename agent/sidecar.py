@@ -21,6 +21,9 @@ It runs next to a driver, probes it with a real Spark Connect call every
   next interval; the agent never exits because of it. Meanwhile routers drop the record when
   its TTL runs out, which is the right outcome: a driver nobody can vouch for is not offered.
   At start-up the registry must answer within a few attempts, else `run_agent` returns 3.
+- The probe dials the driver as `AgentSettings.dialing` says (TLS, the backend token: the
+  same `DriverDialing` routers use), so a driver behind a token or a TLS sidecar is probed
+  the way routers reach it. The token is never logged.
 - The agent owns only its own record; it holds no placement policy. It writes the states
   `active` and `down` only (an operator's `draining` is overwritten by the next heartbeat).
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -36,7 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.addresses import address_problem, redact_url
-from common.health import HealthState, Probe, apply_probe, probe
+from common.health import PLAINTEXT, DriverDialing, HealthState, Probe, apply_probe
+from common.health import probe as spark_connect_probe
 from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unless_forced
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DEFAULT_POOL, Driver, DriverState
@@ -77,6 +82,7 @@ class AgentSettings:
     probe_timeout: float  # deadline of one probe, connection included
     fail_threshold: int  # failed probes in a row before the driver is marked down
     recover_threshold: int  # good probes in a row before a down driver is active again
+    dialing: DriverDialing  # how the probe reaches the driver (TLS, token)
 
     def __init__(
         self,
@@ -89,6 +95,7 @@ class AgentSettings:
         probe_timeout: float | None = 2.0,
         fail_threshold: int | None = 3,
         recover_threshold: int | None = 2,
+        dialing: DriverDialing = PLAINTEXT,
     ) -> None:
         """Validate; None means the default (advertise: driver, ttl: 3 x heartbeat_interval)."""
         interval = 2.0 if heartbeat_interval is None else float(heartbeat_interval)
@@ -103,6 +110,7 @@ class AgentSettings:
             "probe_timeout": 2.0 if probe_timeout is None else float(probe_timeout),
             "fail_threshold": 3 if fail_threshold is None else fail_threshold,
             "recover_threshold": 2 if recover_threshold is None else recover_threshold,
+            "dialing": dialing,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -171,13 +179,17 @@ class Agent:
         settings: AgentSettings,
         registry: Registry,
         *,
-        probe: Probe = probe,
+        probe: Probe | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """Nothing runs until `run`."""
+        """Nothing runs until `run`; without `probe`, the Spark Connect probe over `dialing`."""
         self.settings = settings
         self._registry = registry
-        self._probe = probe
+        self._probe: Probe = (
+            functools.partial(spark_connect_probe, dialing=settings.dialing)
+            if probe is None
+            else probe
+        )
         self._clock = clock
         self.health = HealthState()
         self._outage_since: float | None = None

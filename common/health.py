@@ -11,6 +11,9 @@ Invariants:
 - A probe is one real Spark Connect `Config` call (get `spark.connect.grpc.binding.port`)
   on a fresh channel with its own subchannel, bounded by its timeout (connecting included):
   a refused, failing or hung driver fails it, and so does an answer for another session.
+- A probe dials a driver the way calls do (`DriverDialing`: TLS or not, the backend token),
+  so a driver that refuses the router's token or certificate fails its probes too. The
+  token never appears in a log line or a repr.
 """
 
 from __future__ import annotations
@@ -19,14 +22,20 @@ import asyncio
 import enum
 import functools
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import grpc
+    import grpc.aio
 
 __all__ = [
+    "PLAINTEXT",
     "PROBE_CONF",
     "PROBE_SESSION_ID",
     "PROBE_USER_ID",
+    "DriverDialing",
     "DriverState",
     "HealthState",
     "Probe",
@@ -88,6 +97,35 @@ def apply_probe(state: HealthState, ok: bool, settings: Thresholds) -> HealthSta
     return HealthState(current, good=0, bad=bad)
 
 
+# --------------------------------------------------------------------------- dialing
+
+
+@dataclass(frozen=True)
+class DriverDialing:
+    """How to dial a driver: TLS credentials (None: plaintext), channel options, call metadata.
+
+    Built once from the settings (router/tls.py) and shared by the router's channels, its
+    probes and the agent's, so every way of reaching a driver presents the same credentials.
+    """
+
+    credentials: grpc.ChannelCredentials | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+    # The backend token travels here: kept out of repr() so no log line can show it.
+    metadata: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+
+    def channel(self, address: str, options: Sequence[tuple[str, Any]] = ()) -> grpc.aio.Channel:
+        """A new channel to `address` with these credentials; `options` first, then ours."""
+        import grpc.aio
+
+        merged = [*options, *self.options]
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(address, options=merged)
+        return grpc.aio.secure_channel(address, self.credentials, options=merged)
+
+
+PLAINTEXT = DriverDialing()
+"""Plaintext, no token: how drivers are dialed unless told otherwise."""
+
 # --------------------------------------------------------------------------- the probe
 
 PROBE_SESSION_ID = "0b6f3f5e-7a0c-4c55-9d8e-2f4a6c1b9e73"
@@ -137,22 +175,24 @@ def _binding_port(raw: bytes) -> str | None:
     return ""
 
 
-async def ask_binding_port(address: str, timeout: float) -> str | None:
+async def ask_binding_port(
+    address: str, timeout: float, dialing: DriverDialing = PLAINTEXT
+) -> str | None:
     """One probe of `address` within `timeout` s: the driver's binding port conf, None if none.
 
     "" when the driver answered without the conf. `up` compares the answer with the port it
     started the driver on: another answer means some other server holds the port.
     """
     import grpc
-    import grpc.aio
 
     # A fresh channel per probe (with its own subchannel): a long-lived channel's reconnect
     # backoff would keep reporting a restarted driver as unreachable long after it is back.
-    channel = grpc.aio.insecure_channel(address, options=_PROBE_CHANNEL_OPTIONS)
+    channel = dialing.channel(address, _PROBE_CHANNEL_OPTIONS)
     try:
         call = channel.unary_unary(_CONFIG_METHOD)  # bytes in, bytes out
         # The gRPC deadline covers connecting too; the outer bound is a safety net.
-        raw = await asyncio.wait_for(call(_probe_request(), timeout=timeout), timeout + 1.0)
+        pending = call(_probe_request(), timeout=timeout, metadata=dialing.metadata or None)
+        raw = await asyncio.wait_for(pending, timeout + 1.0)
         answer = _binding_port(raw)
         if answer is None:
             log.debug("probe of %s: answer is not for the probe session", address)
@@ -171,6 +211,6 @@ async def ask_binding_port(address: str, timeout: float) -> str | None:
         await channel.close()
 
 
-async def probe(address: str, timeout: float) -> bool:
+async def probe(address: str, timeout: float, dialing: DriverDialing = PLAINTEXT) -> bool:
     """One Spark Connect Config call to `address` within `timeout` s; True if it answered."""
-    return await ask_binding_port(address, timeout) is not None
+    return await ask_binding_port(address, timeout, dialing) is not None

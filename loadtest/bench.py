@@ -113,6 +113,10 @@ class Variant:
     """Python run in the router process before its CLI (e.g. installing another event loop)."""
     requires: tuple[str, ...] = ()
     """Modules the variant needs; without them it is skipped."""
+    drivers: int | None = None
+    """How many of the fake drivers a router variant is given (None: all of them)."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    """Metadata the client sends on every call (the auth variants' credentials)."""
 
 
 _TRACING_OFF = (("OTEL_TRACES_EXPORTER", "none"),)
@@ -122,6 +126,20 @@ _TRACING_OTLP = (
     ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
     ("OTEL_TRACES_SAMPLER", "always_on"),
 )
+
+# The auth variants: a JWT (HS256) checked on every call, answered from the router's cache
+# of verified tokens after the first. `loadtest` is the user the benchmark's requests claim.
+_JWT_SECRET = "bench-jwt-secret-" + "0" * 32
+
+
+def _bench_jwt(sub: str) -> tuple[tuple[str, str], ...]:
+    import jwt
+
+    claims = {"sub": sub, "exp": int(time.time()) + 86_400}
+    return (("authorization", "Bearer " + jwt.encode(claims, _JWT_SECRET, algorithm="HS256")),)
+
+
+_AUTH_JWT = (*_TRACING_OFF, ("SPARK_ROUTER_AUTH", "jwt"), ("SPARK_ROUTER_JWT_SECRET", _JWT_SECRET))
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("direct", "direct", "direct (client → driver)"),
@@ -143,6 +161,29 @@ VARIANTS: tuple[Variant, ...] = (
         "router",
         "router on asyncio's own loop (the default is uvloop)",
         env=(*_TRACING_OFF, ("SPARK_ROUTER_EVENT_LOOP", "asyncio")),
+        in_quick=False,
+    ),
+    Variant(
+        "router-1d",
+        "router",
+        "router, 1 worker, one driver (the passthrough's topology)",
+        env=_TRACING_OFF,
+        in_quick=False,
+        drivers=1,
+    ),
+    Variant(
+        "router-jwt",
+        "router",
+        "router, auth jwt (HS256), the token's user as claimed",
+        env=_AUTH_JWT,
+        metadata=_bench_jwt("loadtest"),
+    ),
+    Variant(
+        "router-jwt-rewrite",
+        "router",
+        "router, auth jwt, another user than claimed: user_id rewritten in every request",
+        env=_AUTH_JWT,
+        metadata=_bench_jwt("alice"),
         in_quick=False,
     ),
     Variant(
@@ -258,7 +299,12 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _grpc_ok(address: str, header: bool = False, timeout: float = 2.0) -> bool:
+def _grpc_ok(
+    address: str,
+    header: bool = False,
+    timeout: float = 2.0,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> bool:
     """One real Spark Connect call (Config) answers through ``address``."""
     import grpc
 
@@ -266,7 +312,9 @@ def _grpc_ok(address: str, header: bool = False, timeout: float = 2.0) -> bool:
     channel = grpc.insecure_channel(address)
     try:
         channel.unary_unary(CONFIG)(
-            calls.config_get, metadata=calls.header if header else None, timeout=timeout
+            calls.config_get,
+            metadata=(calls.header if header else ()) + metadata or None,
+            timeout=timeout,
         )
         return True
     except grpc.RpcError:
@@ -538,7 +586,7 @@ def start_services(
         services.check_alive()
         services.otlp = str(_listening_line(sink, "listening on"))
 
-    waits: list[tuple[str, str, int, bool]] = []
+    waits: list[tuple[str, str, int, bool, tuple[tuple[str, str], ...]]] = []
     for variant in variants:
         if variant.name in services.skipped:
             continue
@@ -556,7 +604,7 @@ def start_services(
             if variant.prelude:
                 launch = ["-c", f"{variant.prelude}\nfrom router.cli import main\nmain()"]
             args = [py, *launch, "serve", "--listen", address, "--log-level", "warning"]
-            for driver in services.drivers:
+            for driver in services.drivers[: variant.drivers]:
                 args += ["--driver", driver]
             if variant.workers > 1:
                 args += ["--workers", str(variant.workers)]
@@ -623,7 +671,7 @@ def start_services(
                 ],
             )
         services.addresses[variant.name] = address
-        waits.append((variant.name, address, port, variant.header))
+        waits.append((variant.name, address, port, variant.header, variant.metadata))
 
     progress("load generators")
     for i in range(clients):
@@ -636,11 +684,16 @@ def start_services(
         if "ready" not in ready:
             raise BenchError(f"{client.name} did not start:\n{client.log_tail()}")
 
-    for name, address, port, header in waits:
+    for name, address, port, header, md in waits:
         progress(f"waiting for {name}")
 
-        def answers(address: str = address, port: int = port, header: bool = header) -> bool:
-            if _port_open(port) and _grpc_ok(address, header):
+        def answers(
+            address: str = address,
+            port: int = port,
+            header: bool = header,
+            md: tuple[tuple[str, str], ...] = md,
+        ) -> bool:
+            if _port_open(port) and _grpc_ok(address, header, metadata=md):
                 return True
             services.check_alive()  # raises if a process died
             return False
@@ -796,6 +849,7 @@ def measure(services: Services, variant: Variant, workload: Workload, round_no: 
                     "concurrency": share,
                     "channels": workload.channels,
                     "header": variant.header,
+                    "metadata": list(variant.metadata),
                     "start": start,
                     "end": end,
                     "calls": workload.calls,
@@ -880,6 +934,7 @@ def warm_up(
                 "concurrency": concurrency,
                 "channels": 2,
                 "header": variant.header,
+                "metadata": list(variant.metadata),
                 "start": start,
                 "end": start + 60,
                 "calls": 3 * -(-len(sessions) // concurrency),  # each loop: its sessions x 3
@@ -1038,6 +1093,10 @@ def targets(
         }
         spark_ratio = _ratio(by.get("router"), by.get("direct"))
 
+    # The passthrough forwards to one driver; its fair partner is the router given that one
+    # driver too (more upstream connections batch fewer calls per write: more syscalls).
+    same_topology = "router-1d" if m("throughput", "router-1d", "cpu_ms_per_1k") else "router"
+
     def within(a: float | None, b: float | None) -> float | None:
         r = _ratio(a, b)
         return None if r is None else abs(r - 1)
@@ -1074,22 +1133,31 @@ def targets(
         ),
         ("router added p50 ÷ Envoy's added p50", added_router, "≤", 1.5),
         (
-            "router CPU/1k calls ÷ bare grpc.aio passthrough's (issue 10)",
+            f"{same_topology} CPU/1k calls ÷ bare grpc.aio passthrough's (issue 10)",
             _ratio(
-                m("throughput", "router", "cpu_ms_per_1k"),
+                m("throughput", same_topology, "cpu_ms_per_1k"),
                 m("throughput", "passthrough", "cpu_ms_per_1k"),
             ),
             "≤",
             1.1,
         ),
         (
-            "router CPU/GB ÷ bare grpc.aio passthrough's (issue 10: no worse)",
+            f"{same_topology} CPU/GB ÷ bare grpc.aio passthrough's (issue 10: no worse)",
             _ratio(
-                m("stream", "router", "cpu_s_per_gb"),
+                m("stream", same_topology, "cpu_s_per_gb"),
                 m("stream", "passthrough", "cpu_s_per_gb"),
             ),
             "≤",
             1.0,
+        ),
+        (
+            "router-jwt CPU/1k calls ÷ router's, auth off (issue 11)",
+            _ratio(
+                m("throughput", "router-jwt", "cpu_ms_per_1k"),
+                m("throughput", "router", "cpu_ms_per_1k"),
+            ),
+            "≤",
+            1.1,
         ),
         (
             "--workers 2 ÷ 1 worker throughput (per-worker CPU budget)",
@@ -1268,11 +1336,14 @@ def render(
         ("router", "direct"),
         ("router", "envoy"),
         ("router", "passthrough"),
+        ("router-1d", "passthrough"),
         ("router", "scp"),
         ("envoy", "scp"),
         ("router-w2", "router"),
         ("router-redis", "router"),
         ("router-otlp", "router"),
+        ("router-jwt", "router"),
+        ("router-jwt-rewrite", "router"),
     ):
         if a not in summary.get("latency", {}) or b not in summary.get("latency", {}):
             continue
@@ -1289,7 +1360,7 @@ def render(
         ratios.add_row(f"{a} ÷ {b}", *cells)
     console.print(ratios)
 
-    t = Table(title="Targets (issues 6 and 10)", title_justify="left")
+    t = Table(title="Targets (issues 6, 10 and 11)", title_justify="left")
     for column in ("target", "measured", "bound", "verdict"):
         t.add_column(column, justify="left" if column == "target" else "right")
     for check in checks:

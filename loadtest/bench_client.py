@@ -99,6 +99,10 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
     concurrency = int(command["concurrency"])
     channel_count = max(1, int(command.get("channels", 1)))
     header = bool(command.get("header", False))
+    # Metadata every call carries (credentials of the auth variants).
+    extra: tuple[tuple[str, str], ...] = tuple(
+        (str(k), str(v)) for k, v in command.get("metadata", ())
+    )
     start, end = float(command["start"]), float(command["end"])
     per_loop_calls = command.get("calls")
     keep = bool(command.get("keep_latencies", False))
@@ -136,7 +140,7 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
                 fn = callables.get(key)
                 if fn is None:
                     fn = callables[key] = channel_for(loop, session).unary_unary(path)
-                md = session.header if header else None
+                md = (session.header if header else ()) + extra or None
                 t0 = time.perf_counter_ns()
                 try:
                     response = await fn(body, metadata=md, timeout=_CALL_TIMEOUT)
@@ -165,7 +169,7 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
             counted = 0
             for session in itertools.cycle(mine):
                 channel = channel_for(loop, session)
-                md = stream_md + session.header if header else stream_md
+                md = (stream_md + session.header if header else stream_md) + extra
                 operation = str(uuid.uuid4())
                 t0 = time.perf_counter_ns()
                 call = channel.unary_stream(EXECUTE)(
@@ -183,7 +187,7 @@ async def _run(command: dict[str, Any]) -> dict[str, Any]:
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await channel.unary_unary(RELEASE_EXECUTE)(
                         session.release_execute_for(operation),
-                        metadata=session.header if header else None,
+                        metadata=(session.header if header else ()) + extra or None,
                         timeout=_CALL_TIMEOUT,
                     )
                 now = time.monotonic()

@@ -35,8 +35,13 @@ times=K, after=N, session_id=S)`` lets N more calls of ``method`` (of session S,
 probes and other sessions pass untouched) through, then fails the next K with ``status``
 (the same Spark-like trailer as ``x-fake-status``), then serves normally again.
 
+Like a Spark driver started with ``spark.connect.authenticate.token``, a fake given ``token``
+fails every call without ``authorization: Bearer <token>`` with UNAUTHENTICATED; given
+``credentials`` (``grpc.ServerCredentials``) it serves TLS, as a driver behind a TLS sidecar.
+
 Command line: ``python -m loadtest.fake_driver --listen 127.0.0.1:0`` prints
-``fake driver listening on HOST:PORT`` once serving and stops cleanly on SIGTERM / SIGINT.
+``fake driver listening on HOST:PORT`` once serving and stops cleanly on SIGTERM / SIGINT;
+``--tls-cert FILE --tls-key FILE`` serve TLS, ``--token T`` requires that bearer token.
 """
 
 from __future__ import annotations
@@ -305,6 +310,10 @@ class _Call:
         status fault aborts the call: a grpc.aio client still writing requests when the
         server ends the call may report INTERNAL instead of the server's status.
         """
+        token = self.driver.token
+        if token is not None and self._text("authorization") != f"Bearer {token}":
+            # What Spark's PreSharedKeyAuthenticationInterceptor answers.
+            await self.abort(grpc.StatusCode.UNAUTHENTICATED, "Invalid authentication token")
         delay_ms = await self.int_header(DELAY_HEADER, self.driver.delay_ms)
         if delay_ms:
             await asyncio.sleep(delay_ms / 1000)
@@ -395,6 +404,8 @@ class FakeDriver:
         batch_bytes: int = 64,
         check_observed_session_id: bool = False,
         keep_calls: int | None = None,
+        credentials: grpc.ServerCredentials | None = None,
+        token: str | None = None,
     ) -> None:
         """Configure the driver; nothing listens until :meth:`start`.
 
@@ -415,6 +426,8 @@ class FakeDriver:
         self.instance_id = uuid.uuid4()
         self.calls: list[CallRecord] = []
         self.keep_calls = keep_calls
+        self.credentials = credentials
+        self.token = token
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._faults: dict[str, _Fault] = {}  # method -> its planned failures
         self._server: grpc.aio.Server | None = None
@@ -433,7 +446,10 @@ class FakeDriver:
         server.add_generic_rpc_handlers((_UnknownMethods(self),))
         host = f"[{self.host}]" if ":" in self.host else self.host
         try:
-            port = int(server.add_insecure_port(f"{host}:{self.port}"))
+            if self.credentials is None:
+                port = int(server.add_insecure_port(f"{host}:{self.port}"))
+            else:
+                port = int(server.add_secure_port(f"{host}:{self.port}", self.credentials))
         except RuntimeError as exc:  # grpc >= 1.5x raises when the port is busy
             raise OSError(f"fake driver could not bind {host}:{self.port}") from exc
         if port == 0:  # older grpc returned 0 instead
@@ -979,10 +995,21 @@ def _parser() -> argparse.ArgumentParser:
         default=10_000,
         help="recent calls kept for inspection (bounds memory in long runs)",
     )
+    parser.add_argument("--tls-cert", metavar="FILE", help="serve TLS with this PEM chain")
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    parser.add_argument("--token", help="require authorization: Bearer TOKEN on every call")
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> None:
+def _credentials(args: argparse.Namespace) -> grpc.ServerCredentials | None:
+    """TLS server credentials from --tls-cert/--tls-key, or None."""
+    if not (args.tls_cert or args.tls_key):
+        return None
+    with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
+async def _serve(args: argparse.Namespace, credentials: grpc.ServerCredentials | None) -> None:
     host, port = args.listen
     driver = FakeDriver(
         host,
@@ -993,6 +1020,8 @@ async def _serve(args: argparse.Namespace) -> None:
         batch_bytes=args.batch_bytes,
         check_observed_session_id=args.check_observed_session_id,
         keep_calls=args.keep_calls,
+        credentials=credentials,
+        token=args.token,
     )
     async with Signals() as signals:
         await driver.start()
@@ -1007,7 +1036,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run a fake driver until SIGTERM / SIGINT; returns the exit code."""
     args = _parser().parse_args(argv)
     try:
-        asyncio.run(_serve(args))
+        asyncio.run(_serve(args, _credentials(args)))
     except OSError as exc:
         print(exc, file=sys.stderr, flush=True)
         return 1

@@ -40,7 +40,12 @@ class RegistryUnavailable(Exception):
 
 
 class Registry(Protocol):
-    """Where pins and driver membership live."""
+    """Where pins and driver membership live.
+
+    Sessions are named by their key (models.session_key: user and session id) in every
+    operation below, and a pin is stored under `pin.key`: two users sending one session id
+    have two sessions, in Spark and here. `claim` binds a session id to one user.
+    """
 
     async def get_pin(self, session_id: str) -> Pin | None:
         """The pin of a session, or None."""
@@ -59,7 +64,17 @@ class Registry(Protocol):
         ...
 
     async def touch(self, session_ids: Collection[str], drivers: Collection[str] = ()) -> None:
-        """Refresh the TTL of the pins of active sessions (and `drivers`' session lists) at once."""
+        """Refresh the TTL of the pins of active sessions (and `drivers`' session lists) at once.
+
+        The claims of their session ids are refreshed too.
+        """
+        ...
+
+    async def claim(self, session_id: str, owner: str) -> str:
+        """Bind a session id to `owner` unless another user holds it: the owner in force.
+
+        A claim lives as long as a pin (refreshed by `touch` of any key of that id).
+        """
         ...
 
     async def journal_append(self, session_id: str, entry: bytes, cap: int) -> bool:

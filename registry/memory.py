@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequen
 from dataclasses import dataclass, field
 
 from registry.base import DEFAULT_PIN_TTL
-from registry.models import DrainMode, Driver, Event, EventKind, Pin, drain_marker
+from registry.models import DrainMode, Driver, Event, EventKind, Pin, drain_marker, split_key
 
 _CLOSED = object()
 
@@ -48,6 +48,8 @@ class MemoryRegistry:
         self._subscribers: list[asyncio.Queue[object]] = []
         self._draining: dict[str, DrainMode] = {}
         self._journals: dict[str, _Journal] = {}
+        self._claims: dict[str, tuple[str, float]] = {}  # session id -> (owner, expiry)
+        self._claims_sweep_at = 1024
 
     # --- pins ---------------------------------------------------------------------------
 
@@ -63,11 +65,23 @@ class MemoryRegistry:
 
     async def bind(self, pin: Pin) -> Pin:
         """Store `pin` unless the session is already pinned; return the pin in force."""
-        current = await self.get_pin(pin.session_id)
+        current = await self.get_pin(pin.key)
         if current is not None:
             return current
-        self._pins[pin.session_id] = (pin, self._clock() + self._pin_ttl)
+        self._pins[pin.key] = (pin, self._clock() + self._pin_ttl)
         return pin
+
+    async def claim(self, session_id: str, owner: str) -> str:
+        """Bind a session id to `owner` unless another user holds it: the owner in force."""
+        now = self._clock()
+        held = self._claims.get(session_id)
+        if held is not None and held[1] > now:
+            return held[0]
+        if len(self._claims) >= self._claims_sweep_at:  # drop expired claims now and then
+            self._claims = {k: v for k, v in self._claims.items() if v[1] > now}
+            self._claims_sweep_at = max(1024, 2 * len(self._claims))
+        self._claims[session_id] = (owner, now + self._pin_ttl)
+        return owner
 
     async def move(self, session_id: str, expected: str, pin: Pin) -> Pin | None:
         """Replace the pin if it still names driver `expected`; return the pin in force."""
@@ -93,6 +107,10 @@ class MemoryRegistry:
             journal = self._live_journal(session_id)
             if journal is not None:
                 journal.expires = expires
+            user, bare = split_key(session_id)
+            held = self._claims.get(bare)
+            if user is not None and held is not None and held[0] == user:
+                self._claims[bare] = (user, expires)
 
     # --- journals -----------------------------------------------------------------------
 

@@ -7,11 +7,23 @@ lives on a driver. Both are immutable values: a change is a new record.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
 
 from common.health import DriverState
 
-__all__ = ["DEFAULT_POOL", "DrainMode", "Driver", "DriverState", "Event", "EventKind", "Pin"]
+__all__ = [
+    "DEFAULT_POOL",
+    "DrainMode",
+    "Driver",
+    "DriverState",
+    "Event",
+    "EventKind",
+    "Pin",
+    "session_key",
+    "split_key",
+]
 
 DEFAULT_POOL = "default"
 
@@ -42,11 +54,32 @@ def drain_marker(address: str, draining: bool) -> Driver:
     return Driver(address, state=DriverState.DRAINING if draining else DriverState.ACTIVE)
 
 
+@functools.lru_cache(maxsize=4096)
+def _quoted(user: str) -> str:
+    return quote(user, safe="")
+
+
+def session_key(user: str | None, session_id: str) -> str:
+    """The registry key of a session: (user, session id), as Spark keys its sessions.
+
+    `alice/<uuid>` (the user percent-encoded, so it holds no "/"); a session without a user
+    is its id alone, which is also how pins were keyed before sessions had owners.
+    Session ids never contain "/" (the data plane refuses them), so the key splits back.
+    """
+    return f"{_quoted(user)}/{session_id}" if user else session_id
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """(user or None, session id) of a key made by `session_key`."""
+    user, sep, session_id = key.rpartition("/")
+    return (unquote(user) or None, session_id) if sep else (None, key)
+
+
 @dataclass(frozen=True)
 class Pin:
     """The record session -> driver."""
 
-    session_id: str
+    session_id: str  # the id the client sends (Spark's session_id)
     driver: str  # Driver.address
     pool: str = DEFAULT_POOL
     # For a session moved to another driver: the server-side session id its client saw
@@ -57,9 +90,15 @@ class Pin:
     # one whose compare-and-set won from the one that lost (and must follow, not replay).
     move_token: str | None = None
     # What operators see; not part of where calls go, so pins compare without them.
-    owner: str | None = field(default=None, compare=False)  # user_id of the first call
+    # The session's user: half of its key (session_key), so equal keys mean equal owners.
+    owner: str | None = field(default=None, compare=False)
     created: float | None = field(default=None, compare=False)  # unix time of the first call
     moves: int = field(default=0, compare=False)  # how often it moved to another driver
+
+    @property
+    def key(self) -> str:
+        """The registry key of the session (its owner and id)."""
+        return session_key(self.owner, self.session_id)
 
 
 class EventKind(str, enum.Enum):
@@ -79,4 +118,4 @@ class Event:
     kind: EventKind
     driver: Driver | None = None  # DRIVER_*: the driver as it now is (LEFT: as it was)
     pin: Pin | None = None  # PIN_MOVED: the new pin
-    session_id: str | None = None  # PIN_*: the session
+    session_id: str | None = None  # PIN_*: the session's key (session_key)

@@ -100,6 +100,7 @@ from registry.models import (
     EventKind,
     Pin,
     drain_marker,
+    split_key,
 )
 
 __all__ = ["DEFAULT_PREFIX", "SCHEMES", "RedisRegistry"]
@@ -369,20 +370,33 @@ class RedisRegistry:
         value = await self._call("get_pin", lambda: self._client.get(self._pin_key(session_id)))
         return None if value is None else _decode_pin(session_id, value)
 
+    async def claim(self, session_id: str, owner: str) -> str:
+        """Bind a session id to `owner` unless another user holds it: the owner in force."""
+        key = f"{self._tag}:claim:{session_id}"
+
+        async def set_or_get() -> Any:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.set(key, owner, nx=True, px=self._pin_ttl_ms)
+                pipe.get(key)
+                return await pipe.execute()
+
+        _, holder = await self._call("claim", set_or_get)
+        return owner if holder is None else _text(holder)
+
     async def bind(self, pin: Pin) -> Pin:
         """Store `pin` unless the session is already pinned; return the pin in force."""
         value = await self._script(
             "bind",
             self._bind,
-            keys=[self._pin_key(pin.session_id)],
+            keys=[self._pin_key(pin.key)],
             args=[
                 _encode_pin(pin),
                 self._pin_ttl_ms,
                 self._sessions_prefix + pin.driver,
-                pin.session_id,
+                pin.key,
             ],
         )
-        return _decode_pin(pin.session_id, value)
+        return _decode_pin(pin.key, value)
 
     async def move(self, session_id: str, expected: str, pin: Pin) -> Pin | None:
         """Replace the pin if it still names driver `expected`; return the pin in force."""
@@ -448,6 +462,9 @@ class RedisRegistry:
                     pipe.pexpire(self._sessions_prefix + driver, self._pin_ttl_ms)
                 for session_id in session_ids:
                     pipe.pexpire(self._pin_key(session_id), self._pin_ttl_ms)
+                    user, bare = split_key(session_id)
+                    if user is not None:
+                        pipe.pexpire(f"{self._tag}:claim:{bare}", self._pin_ttl_ms)
                     for key in self._journal_keys(session_id):
                         pipe.pexpire(key, self._pin_ttl_ms)
                 return await pipe.execute()
@@ -756,9 +773,12 @@ def _encode_pin(pin: Pin) -> str:
     return json.dumps(fields, separators=(",", ":"))
 
 
-def _decode_pin(session_id: str, value: str | bytes) -> Pin:
+def _decode_pin(key: str, value: str | bytes) -> Pin:
     fields = [*json.loads(value), None, None, None, None, None][:7]  # older pins: 2 to 6
     alias, owner, created, moves, token = fields[2:7]
+    user, session_id = split_key(key)
+    if user is not None:  # the key names the owner; a keyless (older) pin keeps its own
+        owner = user
     return Pin(
         session_id,
         str(fields[0]),
@@ -783,7 +803,7 @@ def _encode(event: Event) -> str:
         }
     if event.pin is not None:
         p = event.pin
-        record["pin"] = {"session_id": p.session_id, "value": _encode_pin(p)}
+        record["pin"] = {"session_id": p.key, "value": _encode_pin(p)}
     if event.session_id is not None:
         record["session_id"] = event.session_id
     return json.dumps(record, separators=(",", ":"))

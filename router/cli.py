@@ -7,6 +7,7 @@ a driver that would not come up), 130/143 stopped by a signal during start-up.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,36 @@ def up(
     envvar="SPARK_ROUTER_AGENT_PROBE_TIMEOUT",
     help="seconds a probe may take before the driver counts as failing [default: 2].",
 )
+@click.option(
+    "--driver-tls/--no-driver-tls",
+    default=False,
+    envvar="SPARK_ROUTER_DRIVER_TLS",
+    help="probe the driver over TLS (through its TLS sidecar). The driver's token, if it has "
+    "one, comes from the environment only: SPARK_ROUTER_DRIVER_TOKEN.",
+)
+@click.option(
+    "--driver-tls-ca-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPARK_ROUTER_DRIVER_TLS_CA_FILE",
+    help="CA bundle the driver's certificate chains to [default: system roots].",
+)
+@click.option(
+    "--driver-tls-cert-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPARK_ROUTER_DRIVER_TLS_CERT_FILE",
+    help="client certificate shown to the driver (mTLS), with --driver-tls-key-file.",
+)
+@click.option(
+    "--driver-tls-key-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="SPARK_ROUTER_DRIVER_TLS_KEY_FILE",
+    help="private key of --driver-tls-cert-file.",
+)
+@click.option(
+    "--driver-tls-server-name",
+    envvar="SPARK_ROUTER_DRIVER_TLS_SERVER_NAME",
+    help="name the driver's certificate is checked against [default: its host].",
+)
 @_log_option
 def agent(
     driver: str,
@@ -210,12 +241,29 @@ def agent(
     heartbeat_interval: float | None,
     ttl: float | None,
     probe_timeout: float | None,
+    driver_tls: bool,
+    driver_tls_ca_file: Path | None,
+    driver_tls_cert_file: Path | None,
+    driver_tls_key_file: Path | None,
+    driver_tls_server_name: str | None,
     log_level: str | None,
 ) -> None:
     """Run next to a Spark Connect driver: probe it, register it, heartbeat, deregister on exit."""
     from agent.sidecar import AgentSettings, run_agent
+    from router.tls import TLSConfigError, build_dialing
 
     configure_logging(log_level or "info")
+    try:
+        dialing = build_dialing(
+            tls=driver_tls,
+            ca_file=driver_tls_ca_file,
+            cert_file=driver_tls_cert_file,
+            key_file=driver_tls_key_file,
+            server_name=driver_tls_server_name,
+            token=os.environ.get("SPARK_ROUTER_DRIVER_TOKEN") or None,
+        )
+    except TLSConfigError as exc:
+        _fail(f"invalid agent settings: {exc}", EXIT_CONFIG)
     try:
         settings = AgentSettings(
             driver=driver,
@@ -225,6 +273,7 @@ def agent(
             heartbeat_interval=heartbeat_interval,
             ttl=ttl,
             probe_timeout=probe_timeout,
+            dialing=dialing,
         )
     except ValueError as exc:
         _fail(f"invalid agent settings: {exc}", EXIT_CONFIG)
@@ -236,7 +285,8 @@ def _target_options(fn: Any) -> Any:
     fn = click.option(
         "--admin-token",
         envvar="SPARK_ROUTER_ADMIN_TOKEN",
-        help="bearer token of the admin API, when the replica sets admin_token.",
+        help="bearer token for the admin API: the replica's admin_token, or (auth on) the "
+        "token or JWT of a user in admin_users / admin_groups.",
     )(fn)
     fn = click.option(
         "--registry",
@@ -442,6 +492,109 @@ def list_sessions(
             )
         )
     _table(rows)
+
+
+@cli.group("token")
+def token_group() -> None:
+    """Issue, list and revoke the bearer tokens of `auth: token` (the token_file)."""
+
+
+def _token_file_option(fn: Any) -> Any:
+    fn = _config_option(fn)
+    return click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="the token file [default: the token_file setting].",
+    )(fn)
+
+
+def _token_file(token_file: Path | None, config: Path | None) -> Path:
+    if token_file is not None:
+        return token_file
+    found = _settings(config).token_file
+    if found is None:
+        _fail(
+            "no token file: give --token-file PATH or set token_file "
+            "(SPARK_ROUTER_TOKEN_FILE or the config file)",
+            EXIT_CONFIG,
+        )
+    return found
+
+
+@token_group.command("add")
+@click.argument("user")
+@click.option("--group", "groups", multiple=True, help="a group of the user; repeat for more.")
+@_token_file_option
+def token_add(
+    user: str, groups: tuple[str, ...], token_file: Path | None, config: Path | None
+) -> None:
+    """Issue a token for USER: printed once on stdout, only its hash is kept."""
+    from router.admit import tokens
+
+    path = _token_file(token_file, config)
+    try:
+        new = tokens.add(path, user, list(groups))
+    except tokens.TokenFileError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    click.echo(new)
+    # The hint goes to stderr, so `TOKEN=$(spark-router token add alice)` captures the token alone.
+    click.echo(
+        f"token for {user} added to {path} (shown only now); pyspark: "
+        "SparkSession.builder.remote('sc://ROUTER:15002/;use_ssl=true;token=<the token above>')",
+        err=True,
+    )
+
+
+@token_group.command("list")
+@_token_file_option
+@click.option("--json", "as_json", is_flag=True, help="print the entries as JSON.")
+def token_list(token_file: Path | None, config: Path | None, as_json: bool) -> None:
+    """List the tokens' users, groups, creation times and hash prefixes (never the tokens)."""
+    import json as jsonlib
+
+    from router.admit import tokens
+
+    path = _token_file(token_file, config)
+    try:
+        entries = tokens.list_entries(path)
+    except tokens.TokenFileError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    if as_json:
+        click.echo(
+            jsonlib.dumps(
+                [
+                    {
+                        "user": e.user,
+                        "groups": list(e.groups),
+                        "created": e.created,
+                        "hash": e.sha256[:12],
+                    }
+                    for e in entries
+                ]
+            )
+        )
+        return
+    rows = [("USER", "GROUPS", "CREATED", "HASH")]
+    for e in entries:
+        rows.append((e.user, ",".join(e.groups) or "-", e.created or "-", e.sha256[:12]))
+    _table(rows)
+
+
+@token_group.command("remove")
+@click.argument("user_or_hash")
+@_token_file_option
+def token_remove(user_or_hash: str, token_file: Path | None, config: Path | None) -> None:
+    """Revoke every token of a USER, or the one token whose hash starts with HASHPREFIX."""
+    from router.admit import tokens
+
+    path = _token_file(token_file, config)
+    try:
+        gone = tokens.remove(path, user_or_hash)
+    except tokens.TokenFileError as exc:
+        _fail(str(exc), 1)
+    for e in gone:
+        click.echo(f"removed the token of {e.user} ({e.sha256[:12]})")
+    click.echo("replicas stop accepting it within about a second (they reload on change)", err=True)
 
 
 def main() -> None:

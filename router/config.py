@@ -9,6 +9,7 @@ A bad value fails at start-up with one clear line per problem.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -34,6 +35,9 @@ SPARK_MAX_MESSAGE_BYTES = 128 * MiB
 _MEMORY = re.compile(r"^\d+[kmgtKMGT]?$")
 # The admin_listen value that turns the admin listener off.
 ADMIN_OFF = "off"
+
+
+AuthMode = Literal["none", "token", "jwt", "trusted-header", "mtls"]
 
 
 class ConfigError(Exception):
@@ -169,6 +173,99 @@ class Settings(BaseSettings):
         description="per-session cap of replayable state; larger sessions move strictly",
     )
 
+    # --- TLS (the listener, and the way to drivers) ---
+    tls_cert_file: Path | None = Field(
+        None, description="certificate chain (PEM) the router serves; with tls_key_file: TLS on"
+    )
+    tls_key_file: Path | None = Field(None, description="private key (PEM) of tls_cert_file")
+    tls_client_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) client certificates must chain to (mTLS)"
+    )
+    tls_client_auth: Literal["none", "optional", "require"] = Field(
+        "none",
+        description="client certificates: none (not asked) or require (a client without a "
+        "valid one is refused); optional is refused: grpc's Python server cannot ask for one "
+        "without requiring it",
+    )
+    driver_tls: bool = Field(
+        False,
+        description="dial drivers over TLS (Spark Connect has none itself: a TLS sidecar "
+        "in front of each driver terminates it)",
+    )
+    driver_tls_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) drivers' certificates chain to (unset: system roots)"
+    )
+    driver_tls_cert_file: Path | None = Field(
+        None, description="client certificate (PEM) the router shows drivers (mTLS)"
+    )
+    driver_tls_key_file: Path | None = Field(
+        None, description="private key of driver_tls_cert_file"
+    )
+    driver_tls_server_name: str | None = Field(
+        None, description="name drivers' certificates are checked against (unset: their host)"
+    )
+    driver_token: SecretStr | None = Field(
+        None,
+        description="bearer token sent to drivers (their spark.connect.authenticate.token); "
+        "environment or config file only",
+    )
+
+    # --- who is calling (router/admit/auth.py) ---
+    auth: Annotated[list[AuthMode], NoDecode] = Field(
+        default_factory=lambda: list[AuthMode](["none"]),
+        description="how callers prove who they are: none, or one or more of token, jwt, "
+        "trusted-header, mtls (tried in order)",
+    )
+    identity: Literal["rewrite", "reject"] = Field(
+        "rewrite",
+        description="with auth on: rewrite user_context.user_id to the authenticated user, "
+        "or reject a request that claims another user",
+    )
+    token_file: Path | None = Field(
+        None, description="YAML file of token hashes → user and groups (`spark-router token add`)"
+    )
+    jwt_jwks_url: str | None = Field(None, description="JWKS URL of the JWT issuer's keys")
+    jwt_issuer: str | None = Field(
+        None,
+        description="required iss claim; without jwks URL, key file or secret, its OIDC "
+        "discovery document names the JWKS",
+    )
+    jwt_audience: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="accepted aud claims (unset: aud not checked)"
+    )
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="accepted signature algorithms (unset: HS256 with jwt_secret, else RS256, "
+        "ES256, EdDSA)",
+    )
+    jwt_key_file: Path | None = Field(None, description="PEM public key verifying JWTs (no JWKS)")
+    jwt_secret: SecretStr | None = Field(None, description="HS256 shared secret (env/config file)")
+    jwt_user_claim: str = Field("sub", min_length=1, description="claim naming the user")
+    jwt_groups_claim: str = Field("groups", min_length=1, description="claim listing the groups")
+    jwt_leeway_seconds: float = Field(
+        30.0, ge=0, le=600, description="clock skew allowed on exp and nbf"
+    )
+    jwks_refresh_seconds: float = Field(
+        300.0, ge=5, le=86400, description="how often the JWKS is re-read (and on an unknown kid)"
+    )
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="addresses/CIDRs whose trusted_user_header is believed (trusted-header)",
+    )
+    trusted_user_header: str = Field("x-spark-user", description="header naming the user")
+    trusted_groups_header: str = Field(
+        "x-spark-groups", description="header listing the groups, comma-separated"
+    )
+    mtls_user_from: Literal["cn", "san"] = Field(
+        "cn", description="mtls: the user is the certificate's subject CN or its first SAN"
+    )
+    admin_users: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="authenticated users who may use the admin API"
+    )
+    admin_groups: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="groups whose members may use the admin API"
+    )
+
     # --- up (local drivers) ---
     local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
     driver_memory: str = Field("1g", description="heap of each local driver (spark-submit)")
@@ -195,6 +292,85 @@ class Settings(BaseSettings):
                 raise ValueError(f"driver {address} is listed twice")
             seen.add(address)
         return checked
+
+    @field_validator(
+        "auth",
+        "jwt_audience",
+        "jwt_algorithms",
+        "trusted_proxies",
+        "admin_users",
+        "admin_groups",
+        mode="before",
+    )
+    @classmethod
+    def _split_lists(cls, value: Any) -> Any:
+        return _comma_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _check_auth(cls, value: list[str]) -> list[str]:
+        if not value:
+            return ["none"]
+        if "none" in value and len(value) > 1:
+            raise ValueError("none cannot be combined with other modes")
+        if len(set(value)) != len(value):
+            raise ValueError("a mode is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> Settings:
+        problems = []
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            problems.append("tls_cert_file and tls_key_file go together")
+        if self.tls_client_auth == "optional":
+            # grpc's Python server credentials either never ask for a client certificate or
+            # require and verify one (router/tls.py): "optional" would silently mean "none".
+            problems.append(
+                "tls_client_auth optional is not supported: grpc's Python server cannot ask "
+                "for a client certificate without requiring one; use require or none"
+            )
+        elif self.tls_client_auth != "none" and self.tls_client_ca_file is None:
+            problems.append(f"tls_client_auth {self.tls_client_auth} needs tls_client_ca_file")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            problems.append("tls_client_ca_file needs tls_cert_file and tls_key_file")
+        if (self.driver_tls_cert_file is None) != (self.driver_tls_key_file is None):
+            problems.append("driver_tls_cert_file and driver_tls_key_file go together")
+        modes = set(self.auth)
+        if "token" in modes and self.token_file is None:
+            problems.append("auth token needs token_file")
+        if "jwt" in modes and not (
+            self.jwt_jwks_url or self.jwt_key_file or self.jwt_secret or self.jwt_issuer
+        ):
+            problems.append(
+                "auth jwt needs jwt_jwks_url, jwt_key_file, jwt_secret or jwt_issuer (discovery)"
+            )
+        if "trusted-header" in modes and not self.trusted_proxies:
+            problems.append("auth trusted-header needs trusted_proxies")
+        if "mtls" in modes and self.tls_client_auth == "none":
+            problems.append("auth mtls needs tls_client_auth require")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether callers must authenticate (any mode but none)."""
+        return self.auth != ["none"]
+
+    @property
+    def tls_enabled(self) -> bool:
+        """Whether the listener serves TLS."""
+        return self.tls_cert_file is not None
 
     @field_validator("registry")
     @classmethod

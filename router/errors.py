@@ -41,6 +41,18 @@ class UnknownPool(RouterError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class Unauthenticated(RouterError):
+    """Missing, expired or invalid credentials; the message says what to send instead."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RouterError):
+    """An authenticated caller asked for what is not theirs (another user, a foreign session)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DriverUnreachable(RouterError):
     """A driver refused or dropped the connection before answering."""
 

@@ -31,12 +31,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 
-from common.health import HealthState, Probe, apply_probe
+from common.health import PLAINTEXT, DriverDialing, HealthState, Probe, apply_probe
 from common.health import probe as spark_connect_probe
 from registry.models import Driver, DriverState
 from router.config import Settings
@@ -103,16 +104,19 @@ class Health:
     immediate confirming probe, and if that fails too the driver is down at once (a refused
     connection confirmed twice is not noise). `on_change` is told of every state change.
     `members()` is the membership as announced (before this replica's verdicts): whom
-    `run` probes, and the pools the ejection cap counts in.
+    `run` probes, and the pools the ejection cap counts in. Without a `probe`, drivers are
+    probed with common/health.py's Spark Connect probe, dialed as `dialing` says (TLS, the
+    backend token), the way the replica's calls reach them.
     """
 
     def __init__(
         self,
         settings: Settings,
         on_change: Callable[[str, bool], Awaitable[None]],
-        probe: Probe = spark_connect_probe,
+        probe: Probe | None = None,
         telemetry: Telemetry | None = None,
         *,
+        dialing: DriverDialing = PLAINTEXT,
         members: Callable[[], Iterable[Driver]] = tuple,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
@@ -120,7 +124,9 @@ class Health:
         self._settings = settings
         self._on_change = on_change
         self._telemetry = telemetry
-        self._probe = probe
+        self._probe: Probe = (
+            functools.partial(spark_connect_probe, dialing=dialing) if probe is None else probe
+        )
         self._members = members
         self._clock = clock
         self._sleep = sleep

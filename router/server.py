@@ -11,6 +11,11 @@ The router port also serves the standard `grpc.health.v1.Health`: SERVING (overa
 for `spark.connect.SparkConnectService`) while some driver takes new sessions,
 NOT_SERVING otherwise and from the start of shutdown.
 
+With tls_cert_file the port serves TLS only (router/tls.py: certificates re-read when they
+change, client certificates under tls_client_auth require); without authentication on a
+port beyond loopback the replica says so at start-up, since anyone who reaches the port
+can use every driver.
+
 `--workers N` is supervisor.py's.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -32,7 +38,8 @@ from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unle
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, EventKind
 from router.admin.http import AdminListener
-from router.config import Settings
+from router.admit.auth import Authenticator
+from router.config import ConfigError, Settings
 from router.dataplane import protocol
 from router.dataplane.proxy import Proxy
 from router.health import Health
@@ -40,6 +47,7 @@ from router.membership import merge
 from router.sessions.placement import Placement
 from router.sessions.ring import Rings
 from router.telemetry import InstrumentedRegistry, Telemetry
+from router.tls import TLSConfigError, driver_dialing, server_credentials
 from router.upstreams import Upstreams, channel_options
 
 log = logging.getLogger(__name__)
@@ -70,7 +78,15 @@ class Replica:
                 open_registry(settings.registry, pin_ttl=settings.pin_ttl_seconds), self.telemetry
             ),
         )
-        self.upstreams = Upstreams(settings)
+        try:
+            dialing = driver_dialing(settings)
+        except TLSConfigError as exc:
+            raise StartupError(str(exc)) from exc
+        self.upstreams = Upstreams(settings, dialing)
+        try:
+            self.auth = Authenticator.from_settings(settings, self.telemetry.authentications)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from exc
         self.placement = Placement(
             self.registry,
             Rings.build(self._static),
@@ -83,6 +99,7 @@ class Replica:
             settings,
             self._on_health_change,
             telemetry=self.telemetry,
+            dialing=dialing,
             members=lambda: self.probe_targets,
         )
         self._membership: tuple[Driver, ...] = ()
@@ -125,15 +142,22 @@ class Replica:
         server = grpc.aio.server(
             options=[*channel_options(self.settings), ("grpc.so_reuseport", reuse_port)]
         )
+        await self.auth.start()  # token file read, JWKS fetched: before the first call
         self.proxy = Proxy(
-            self.placement, self.upstreams, self.health, self.registry, self.settings
+            self.placement, self.upstreams, self.health, self.registry, self.settings, self.auth
         )
         # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
         # rest), so the health service's calls reach its own handlers.
         server.add_generic_rpc_handlers((self.proxy,))
         health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, server)
         try:
-            self.port = server.add_insecure_port(self.settings.listen)
+            if self.settings.tls_enabled:
+                credentials = server_credentials(self.settings)
+                self.port = server.add_secure_port(self.settings.listen, credentials)
+            else:
+                self.port = server.add_insecure_port(self.settings.listen)
+        except TLSConfigError as exc:
+            raise StartupError(str(exc)) from exc
         except RuntimeError as exc:
             raise StartupError(
                 f"cannot listen on {self.settings.listen}: {exc} (is the port in use?)"
@@ -159,14 +183,28 @@ class Replica:
             asyncio.ensure_future(self._maintain()),
             asyncio.ensure_future(self.health.run()),
         ]
+        self._warn_if_open()
         log.info(
-            "spark-router listening on %s, admin %s, registry %s, drivers: %s",
+            "spark-router listening on %s (%s), admin %s, registry %s, drivers: %s",
             self.address,
+            _transport(self.settings),
             admin,
             redact_url(self.settings.registry),
             ", ".join(d.address for d in self._membership) or "none yet",
         )
         return self.port
+
+    def _warn_if_open(self) -> None:
+        """Say it when anyone who reaches the port may use every driver: no auth, not loopback."""
+        host, _ = self.settings.listen_host_port
+        if self.settings.auth_enabled or is_loopback(host):
+            return
+        log.warning(
+            "serving %s beyond loopback without authentication: anyone who reaches the port "
+            "can run code on every driver (set auth%s)",
+            self.address,
+            "" if self.settings.tls_enabled else ", and tls_cert_file/tls_key_file",
+        )
 
     async def refresh_membership(self) -> None:
         """Re-read the registry's drivers and swap in new rings if membership changed."""
@@ -276,6 +314,7 @@ class Replica:
             # Last of the listeners, before what its API uses (registry, upstreams) closes.
             await self.admin.stop()
             self.admin = None
+        await self.auth.close()
         await self.upstreams.close()
         await self.registry.close()
         self.telemetry.shutdown()  # flush the spans of the last calls
@@ -286,6 +325,24 @@ class Replica:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(0)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host reaches only this machine (localhost, 127.0.0.0/8, ::1)."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to anything
+
+
+def _transport(settings: Settings) -> str:
+    """How the port is served, for the start-up line."""
+    if not settings.tls_enabled:
+        return "plaintext"
+    return {"require": "TLS, client certificates required"}.get(settings.tls_client_auth, "TLS")
 
 
 _DRIVER_EVENTS = frozenset(

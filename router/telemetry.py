@@ -153,6 +153,20 @@ class Telemetry:
             ["pool"],
             registry=r,
         )
+        self.authentications = Counter(
+            "spark_router_authentications",
+            "callers' credentials checked, by mode (token, jwt, trusted-header, mtls, none) "
+            "and result (ok, cached, missing, invalid, expired, refused)",
+            ["mode", "result"],
+            registry=r,
+        )
+        self.ownership_refusals = Counter(
+            "spark_router_ownership_refusals",
+            "calls refused PERMISSION_DENIED: another user's session, or a claimed user_id "
+            "other than the authenticated one (identity: reject), by reason",
+            ["reason"],
+            registry=r,
+        )
         self.pins_pending = Gauge(
             "spark_router_pins_pending_writeback",
             "pins made during a registry outage, not yet written to the registry",

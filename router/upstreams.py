@@ -8,6 +8,9 @@ after `shutdown_grace_seconds`, the grace a stopping replica gives its calls; a 
 is merely down keeps its channel (it may come back, and its calls are still running).
 Channels fail fast (no wait-for-ready): a call to a driver that refuses connections
 fails at once with UNAVAILABLE instead of queueing, so the proxy can name the driver.
+Channels are dialed as `DriverDialing` says (router/tls.py: TLS or plaintext); the backend
+token is not attached here but offered as `auth_metadata`, which whoever sends a call to a
+driver appends to its metadata after dropping the client's own `authorization`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from common.health import DriverDialing
 from router.config import Settings
+from router.tls import driver_dialing
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +44,9 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 class Upstreams:
     """The router's channels to its drivers, by address."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, dialing: DriverDialing | None = None) -> None:
+        """`dialing`: how to reach drivers (None: from the settings, router/tls.py)."""
+        self._dialing = driver_dialing(settings) if dialing is None else dialing
         self._options = [
             *channel_options(settings),
             # Reconnect quickly once a driver comes back; the default backoff starts at 1 s.
@@ -58,9 +65,14 @@ class Upstreams:
         """The channel to a driver, created on first use."""
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=self._options)
+            ch = self._dialing.channel(address, self._options)
             self._channels[address] = ch
         return ch
+
+    @property
+    def auth_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata every call to a driver carries: the backend token's bearer header, or ()."""
+        return self._dialing.metadata
 
     def call(self, address: str, shape: str, path: str) -> Any:
         """The multicallable of `path` with `shape` (unary_unary, ...) on a driver's channel."""

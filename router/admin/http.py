@@ -12,9 +12,13 @@ Endpoints (`admin_listen`, default 0.0.0.0:9464; `off` turns the listener off):
   --admin URL` (control.py) expects them.
 
 Invariants:
-- With `admin_token` set, every `/api/` request carries `Authorization: Bearer <token>`,
-  compared in constant time; otherwise 401. Probes and /metrics stay open (kubelets and
-  Prometheus carry no token). The token is never logged.
+- Who may use `/api/`: with `admin_token` set, a request carrying `Authorization: Bearer
+  <token>` (compared in constant time); with `auth` on (admit/auth.py: the same modes as
+  the data plane, but mtls — this listener is plain HTTP), an authenticated user listed in
+  `admin_users` or in one of `admin_groups`. Either of these set: anyone else gets 401 (no
+  or bad credentials) or 403 (a user without the admin role). Neither: the API is open to
+  whoever reaches the listener. Probes and /metrics stay open (kubelets and Prometheus
+  carry no token). Tokens are never logged nor echoed.
 - Every `/api/` answer is JSON; errors are `{"error": "..."}` with a fitting status: 400 bad
   input, 401 no or wrong token, 404 unknown session or endpoint, 409 a move the cluster
   cannot do as asked, 413 a body over 64 KiB, 503 registry unreachable or nowhere to move.
@@ -37,11 +41,13 @@ from aiohttp import web
 
 from common.addresses import split_host_port
 from registry.base import Registry, RegistryUnavailable
-from registry.models import DrainMode, Driver
+from registry.models import DrainMode, Driver, Pin
 from router.admin import records as operations
+from router.admit.auth import Authenticator, Credentials
+from router.admit.policy import is_admin
 from router.config import Settings
 from router.dataplane.proxy import Proxy
-from router.errors import RouterError
+from router.errors import RouterError, Unauthenticated
 from router.health import Health
 from router.sessions.placement import Placement
 from router.telemetry import Telemetry
@@ -68,6 +74,7 @@ class Operated(Protocol):
     placement: Placement
     health: Health
     proxy: Proxy
+    auth: Authenticator
     static_drivers: tuple[str, ...]
     shutting_down: bool
     registry_reachable: bool
@@ -109,6 +116,13 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return _json({"error": message}, status, headers)
 
 
+def _peer(remote: str | None) -> str:
+    """A grpc-style peer string for an HTTP client's address (what trusted-header reads)."""
+    if not remote:
+        return "unknown:"
+    return f"ipv6:[{remote}]:0" if ":" in remote else f"ipv4:{remote}:0"
+
+
 def _address(value: str, what: str) -> str:
     """A HOST:PORT from the request, or a 400 naming `what`."""
     try:
@@ -145,6 +159,11 @@ class AdminListener:
         self.port = 0
         token = replica.settings.admin_token
         self._token = None if token is None else token.get_secret_value().encode()
+        settings = replica.settings
+        # Users' credentials open the API only when some user or group holds the role.
+        self._by_role = settings.auth_enabled and bool(
+            settings.admin_users or settings.admin_groups
+        )
 
     def app(self) -> web.Application:
         """The aiohttp application: probes, /metrics and the API."""
@@ -192,13 +211,10 @@ class AdminListener:
     async def _api_guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not (request.path == "/api" or request.path.startswith("/api/")):
             return await handler(request)
-        if self._token is not None and not self._authorized(request, self._token):
-            return _error(
-                401,
-                "the admin API needs 'Authorization: Bearer <admin_token>'",
-                {"WWW-Authenticate": 'Bearer realm="spark-router"'},
-            )
         try:
+            refused = await self._refused(request)
+            if refused is not None:
+                return refused
             return await handler(request)
         except ApiError as exc:
             return _error(exc.status, str(exc))
@@ -210,6 +226,42 @@ class AdminListener:
         except Exception:
             log.exception("admin API %s %s failed", request.method, request.path)
             return _error(500, "internal error (see the router log)")
+
+    async def _refused(self, request: web.Request) -> web.Response | None:
+        """The 401 / 403 answer for a caller without the admin role; None to let it in."""
+        settings = self._replica.settings
+        if self._token is None and not settings.auth_enabled:
+            return None  # nothing configured: open (the README says how to close it)
+        if self._token is not None and self._authorized(request, self._token):
+            return None
+        challenge = {"WWW-Authenticate": 'Bearer realm="spark-router"'}
+        ways = []
+        if self._token is not None:
+            ways.append("'Authorization: Bearer <admin_token>'")
+        if self._by_role:
+            ways.append("the credentials of a user in admin_users or admin_groups")
+        if not self._by_role:
+            if self._token is None:
+                return _error(
+                    403,
+                    "the admin API is closed: auth is on but no admin_users, admin_groups or "
+                    "admin_token is set",
+                )
+            return _error(401, f"the admin API needs {ways[0]}", challenge)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        credentials = Credentials(headers, _peer(request.remote), dict)
+        try:
+            identity = await self._replica.auth.authenticate(credentials)
+        except Unauthenticated as exc:
+            return _error(401, f"the admin API needs {' or '.join(ways)}: {exc}", challenge)
+        if not is_admin(identity, settings):
+            log.info(
+                "admin API: %s refused to user %s (no admin role)", request.path, identity.user
+            )
+            return _error(
+                403, f"user {identity.user!r} has no admin role (admin_users, admin_groups)"
+            )
+        return None
 
     @staticmethod
     def _authorized(request: web.Request, token: bytes) -> bool:
@@ -268,10 +320,23 @@ class AdminListener:
 
     async def _session(self, request: web.Request) -> web.Response:
         session_id = request.match_info["session_id"]
-        record = await operations.session_record(self._replica.registry, session_id)
-        if record is None:
-            raise ApiError(404, f"no session {session_id!r} is pinned")
-        return _json(record)
+        pin = await self._find_pin(request, session_id)
+        return _json(operations.pin_record(pin))
+
+    async def _find_pin(self, request: web.Request, session_id: str) -> Pin:
+        """The pin a session path (and its ?user=) names; 404 / 409 otherwise."""
+        unknown = sorted(set(request.query) - {"user"})
+        if unknown:
+            raise ApiError(400, f"unknown parameter(s) {', '.join(unknown)} (known: user)")
+        user = request.query.get("user")
+        try:
+            pin = await operations.find_pin(self._replica.registry, session_id, user)
+        except operations.AmbiguousSession as exc:
+            raise ApiError(409, str(exc)) from None
+        if pin is None:
+            whose = "" if user is None else f" of user {user!r}"
+            raise ApiError(404, f"no session {session_id!r}{whose} is pinned")
+        return pin
 
     async def _drain(self, request: web.Request) -> web.Response:
         address = _address(request.match_info["address"], "driver")
@@ -307,9 +372,7 @@ class AdminListener:
         if target is not None and not isinstance(target, str):
             raise ApiError(400, "driver must be a string HOST:PORT")
         target = None if target is None else _address(target, "driver")
-        pin = await r.registry.get_pin(session_id)
-        if pin is None:
-            raise ApiError(404, f"no session {session_id!r} is pinned")
+        pin = await self._find_pin(request, session_id)
         if target is not None and target != pin.driver:
             # Placement follows any driver a pin names; an operator's typo must not become one.
             driver = r.placement.rings.drivers.get(target)
@@ -324,7 +387,7 @@ class AdminListener:
                 state = "down" if r.health.is_down(target) else driver.state.value
                 raise ApiError(409, f"driver {target} is {state}: it takes no new sessions")
         try:
-            moved = await r.proxy.move_session(session_id, target)
+            moved = await r.proxy.move_session(pin.key, target)
         except LookupError:  # released between the look-up and the move
             raise ApiError(404, f"no session {session_id!r} is pinned") from None
         except RouterError as exc:  # no live driver left in its pool

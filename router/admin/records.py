@@ -12,7 +12,7 @@ import datetime as dt
 from typing import Any
 
 from registry.base import Registry
-from registry.models import DrainMode, Pin
+from registry.models import DrainMode, Pin, session_key
 
 # An operator's listing, not the hot path: enough for any real driver, still bounded.
 MAX_LISTED = 100_000
@@ -27,9 +27,10 @@ def pin_record(pin: Pin) -> dict[str, Any]:
     )
     return {
         "session_id": pin.session_id,
+        "owner": pin.owner,  # the user whose session it is (half of its key)
+        "key": pin.key,
         "driver": pin.driver,
         "pool": pin.pool,
-        "owner": pin.owner,
         "created": created,
         "moves": pin.moves,
         "server_side_id": pin.server_side_id,
@@ -64,12 +65,39 @@ async def session_records(
 ) -> list[dict[str, Any]]:
     """Pins of one driver's sessions, or of any sessions, up to `limit`."""
     pins = await registry.sessions(driver, limit=limit)
-    return [pin_record(p) for p in sorted(pins, key=lambda p: p.session_id)]
+    return [pin_record(p) for p in sorted(pins, key=lambda p: (p.session_id, p.owner or ""))]
 
 
-async def session_record(registry: Registry, session_id: str) -> dict[str, Any] | None:
-    """One session's pin, or None."""
+class AmbiguousSession(LookupError):
+    """A session id that more than one user has a session under; name the user."""
+
+
+async def find_pin(registry: Registry, session_id: str, user: str | None = None) -> Pin | None:
+    """The pin of a session by id (and user): None if there is none.
+
+    A session is (user, id). Without `user`, an id alone is looked up as an ownerless pin,
+    then among all pins (an operator's call, not the hot path); AmbiguousSession when
+    several users have one under that id.
+    """
+    if user is not None:
+        return await registry.get_pin(session_key(user, session_id))
     pin = await registry.get_pin(session_id)
+    if pin is not None:
+        return pin
+    found = [p for p in await registry.sessions(limit=MAX_LISTED) if p.session_id == session_id]
+    if len(found) > 1:
+        users = ", ".join(sorted(p.owner or "" for p in found))
+        raise AmbiguousSession(
+            f"session id {session_id!r} is used by users {users}: name one (?user=)"
+        )
+    return found[0] if found else None
+
+
+async def session_record(
+    registry: Registry, session_id: str, user: str | None = None
+) -> dict[str, Any] | None:
+    """One session's pin, or None (AmbiguousSession: see find_pin)."""
+    pin = await find_pin(registry, session_id, user)
     return None if pin is None else pin_record(pin)
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from registry.models import session_key
 from router.dataplane import wire
 from router.errors import BadRequest
 
@@ -134,12 +135,25 @@ class RequestInfo:
 
     method: Method
     session_id: str
-    user_id: str
+    user_id: str  # as the client claimed it (user_context.user_id); see `as_user`
+    key: str  # the session's registry key: (user, session id), registry.models.session_key
     pool: str | None = None
     operation_id: str | None = None  # when the method names one
     observed_id: str | None = None  # client_observed_server_side_session_id, if sent
     observed_spans: tuple[tuple[int, int], ...] = ()  # where that field sits in the bytes
     releases_until: bool = False  # ReleaseExecute: release_until rather than release_all
+    rewrite_user: str | None = None  # the authenticated user every request must carry instead
+
+    @property
+    def user(self) -> str:
+        """The user the session belongs to: the authenticated one, else the claimed one."""
+        return self.rewrite_user if self.rewrite_user is not None else self.user_id
+
+    def as_user(self, user: str) -> RequestInfo:
+        """The call as the authenticated `user` makes it (identity: rewrite): keyed by them."""
+        if user == self.user_id:
+            return self
+        return replace(self, key=session_key(user, self.session_id), rewrite_user=user)
 
     def without_observed(self, first: bytes) -> bytes:
         """The first request without its observed server-side id (for a moved session)."""
@@ -231,10 +245,13 @@ def identify_call(
             f"{method.name}: session id is {len(session_id)} characters long; "
             f"at most {MAX_SESSION_ID_LENGTH} are accepted (Spark uses UUIDs)"
         )
+    if "/" in session_id:  # the registry key is user/session: an id holds no "/"
+        raise BadRequest(f"{method.name}: session id {session_id!r} contains '/'; use a UUID")
     return RequestInfo(
         method,
         session_id,
         user_id,
+        session_key(user_id, session_id),
         _header_text(pool_header, POOL_HEADER),
         operation_id,
         observed_id,
@@ -247,6 +264,26 @@ def _len_payload(buf: bytes, number: int, wtype: int, start: int, end: int) -> b
     if wtype != wire.LEN:
         raise wire.WireError(f"field {number} has wire type {wtype}, expected length-delimited")
     return buf[start:end]
+
+
+def with_user(request: bytes, user: str) -> bytes:
+    """A request whose user_context.user_id is `user` (the rest of its user context kept).
+
+    Occurrences of a message field merge in protobuf; their payloads are joined, so the
+    rewritten context is the one the driver would have read, with only the user replaced.
+    """
+    try:
+        contexts = [
+            request[start:end]
+            for number, wtype, _, start, end in wire.iter_fields(request)
+            if number == USER_CONTEXT_FIELD and wtype == wire.LEN
+        ]
+    except wire.WireError as exc:
+        raise BadRequest(f"the request is not a valid Spark Connect message ({exc})") from exc
+    context = wire.replace_string(b"".join(contexts), USER_ID_FIELD, user)
+    return wire.strip_field(request, USER_CONTEXT_FIELD) + wire.encode_len_field(
+        USER_CONTEXT_FIELD, context
+    )
 
 
 def for_driver(method: Method, alias: str | None, request: bytes) -> bytes:

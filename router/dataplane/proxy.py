@@ -28,14 +28,21 @@ import grpc
 import grpc.aio
 
 from registry.base import Registry
-from registry.models import Pin
+from registry.models import Pin, split_key
 from router import errors
+from router.admit.auth import Authenticator, Credentials, Identity
 from router.config import Settings
 from router.dataplane import protocol
 from router.dataplane.protocol import Method, RequestInfo, Shape
 from router.dataplane.recorder import Recorder
 from router.dataplane.releases import Releases
-from router.errors import BadRequest, DriverUnreachable, NoLiveDriver
+from router.errors import (
+    BadRequest,
+    DriverUnreachable,
+    NoLiveDriver,
+    PermissionDenied,
+    RouterError,
+)
 from router.health import Health
 from router.sessions.migration import Mover, Reason
 from router.sessions.placement import Placement
@@ -91,14 +98,27 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         health: Health,
         registry: Registry,
         settings: Settings,
+        auth: Authenticator | None = None,
     ) -> None:
         self._placement = placement
+        # None with auth none: the hot path then skips admission altogether.
+        self._auth = auth if auth is not None and auth.enabled else None
+        self._reject_spoofing = settings.identity == "reject"
+        # Credentials are the router's business: with authentication on, or a token of its
+        # own for drivers, the client's authorization (and identity headers) never go on.
+        strip: set[str] = set()
+        if self._auth is not None:
+            strip |= {"authorization", settings.trusted_user_header, settings.trusted_groups_header}
+        if settings.driver_token is not None:
+            strip.add("authorization")
+        self._strip = frozenset(strip)
+        self._to_drivers = tuple(upstreams.auth_metadata)  # the driver token, if any
         self._upstreams = upstreams
         self._health = health
         self._registry = registry
         self._settings = settings
         self._telemetry = placement.telemetry
-        self.open_streams: dict[str, int] = {}  # session -> its response streams open here
+        self.open_streams: dict[str, int] = {}  # session key -> its response streams open here
         self._mover = Mover(placement, registry, upstreams, settings.migration, self._telemetry)
         self._releases = Releases(upstreams, self._telemetry, placement.release)
         self._recorder = Recorder(
@@ -163,7 +183,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             timeout = _timeout(context)
             placement = self._placement
             if method.name == "ReleaseExecute" and placement.is_live(pin.driver):
-                released = self._releases.coalesce(method, info, pin, request, md)
+                released = self._releases.coalesce(method, info, pin, _as_user(info, request), md)
                 if released is not None:
                     return released
             for attempt in (1, 2):
@@ -181,9 +201,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             alias = pin.server_side_id
             await _relay_metadata(context, call)
             if method.name in protocol.JOURNALED:
-                await self._recorder.record(info.session_id, method, request)
+                await self._recorder.record(info.key, method, _as_user(info, request))
             elif method.name == "ReleaseSession":
-                await placement.release(info.session_id)
+                await placement.release(info.key)
             return response if alias is None else protocol.for_client(method, alias, response)
 
     async def _unary_stream(
@@ -196,13 +216,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
         call: Any = None
-        session_id: str | None = None
+        key: str | None = None
         with obs:
             try:
                 info, md, pin = await self._routed(method, raw_md, request, context, obs)
                 timeout = _timeout(context)
-                session_id = info.session_id
-                self.open_streams[session_id] = self.open_streams.get(session_id, 0) + 1
+                key = info.key
+                self.open_streams[key] = self.open_streams.get(key, 0) + 1
                 for attempt in (1, 2):
                     call = self._dial("unary_stream", method, pin, info, request, md, timeout, obs)
                     try:
@@ -213,18 +233,18 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         pin = await self._failed_over(
                             exc, attempt, pin, method, request, info, md, context, obs
                         )
-                entry = self._recorder.entry(method, request)
-                journal = None if entry is None else (session_id, entry)
+                entry = self._recorder.entry(method, _as_user(info, request))
+                journal = None if entry is None else (key, entry)
                 async for message in self._relay_stream(
                     context, call, pin, method, obs, response, journal
                 ):
                     yield message
             finally:
-                if session_id is not None:
-                    if self.open_streams[session_id] <= 1:
-                        del self.open_streams[session_id]
+                if key is not None:
+                    if self.open_streams[key] <= 1:
+                        del self.open_streams[key]
                     else:
-                        self.open_streams[session_id] -= 1
+                        self.open_streams[key] -= 1
                 if call is not None and not call.done():
                     call.cancel()  # the client went away before the stream began
 
@@ -254,7 +274,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             await _relay_metadata(context, call)
             obs.first_response()
             if tape is not None:
-                await self._recorder.record_tape(info.session_id, method, tape)
+                await self._recorder.record_tape(info.key, method, tape)
             return protocol.for_client(method, pin.server_side_id, response)
 
     async def _stream_stream(
@@ -289,11 +309,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs: CallObservation,
     ) -> AsyncIterator[bytes]:
         alias = pin.server_side_id
+        user = info.rewrite_user
         obs.bytes_to_driver += len(first)
-        yield first if alias is None else info.without_observed(first)
+        yield _first_for(info, alias, first)
         async for request in rest:
             obs.bytes_to_driver += len(request)
-            yield protocol.for_driver(method, alias, request)
+            request = protocol.for_driver(method, alias, request)
+            yield request if user is None else protocol.with_user(request, user)
 
     def _dial(
         self,
@@ -307,9 +329,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs: CallObservation,
     ) -> Any:
         """Start the upstream call of a unary-request shape on the driver of `pin`."""
-        alias = pin.server_side_id
         return self._upstreams.call(pin.driver, shape, method.path)(
-            request if alias is None else info.without_observed(request),
+            _first_for(info, pin.server_side_id, request),
             metadata=obs.forwarding(pin.driver, pin.pool, md),
             timeout=timeout,
         )
@@ -349,7 +370,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> Pin:
         """The session's pin, moving it (sessions/migration.py) if its driver is dead."""
         try:
-            pin = await self._placement.place(info.session_id, info.pool, info.user_id or None)
+            pin = await self._placement.place(
+                info.session_id, info.pool, info.user or None, claim=self._auth is not None
+            )
             if self._placement.is_live(pin.driver):
                 if pin.driver in self._placement.move_idle:
                     return await self._move_idle(method, info, md, pin, obs)
@@ -383,7 +406,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         """
         if (
             method.name not in protocol.STARTS_FRESH
-            or info.session_id in self.open_streams
+            or info.key in self.open_streams
             or self._settings.migration != "replay"
             # The client has not shown its server-side id yet: a later call will. Checked
             # here too, so such calls cost no journal read.
@@ -398,14 +421,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return pin  # nowhere to go: the drained driver keeps it
         return new
 
-    async def move_session(self, session_id: str, target: str | None = None) -> Pin:
-        """Move a session now (the admin API), as sessions/migration.py moves any session.
+    async def move_session(self, key: str, target: str | None = None) -> Pin:
+        """Move a session (by key) now, for the admin API, as sessions/migration.py moves any.
 
         Raises LookupError for an unknown session, NoLiveDriver when there is nowhere to go.
         """
-        pin = await self._registry.get_pin(session_id)
+        pin = await self._registry.get_pin(key)
         if pin is None:
-            raise LookupError(f"no session {session_id!r} is pinned")
+            raise LookupError(f"no session {split_key(key)[1]!r} is pinned")
         if target == pin.driver:
             return pin
         moved, _ = await self._mover.move(pin, Reason.ADMIN, target=target)
@@ -421,33 +444,51 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
     ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin]:
-        """Identify and place a call: (info, metadata to forward, pin); bad input ends it."""
+        """Identify, admit and place a call: (info, metadata to forward, pin).
+
+        Bad input, missing or bad credentials and a foreign user end the call. The pin of a
+        known session on a live driver comes from the cache (no registry, no await but the
+        authenticator's, which answers a known credential from memory); anything else goes
+        down the slow path (`_placed`): place, claim, follow or move.
+        """
+        metadata = _as_dict(raw_md)
         try:
-            info, md, pin = self._route(method, raw_md, first, obs)
-        except BadRequest as exc:
+            info = protocol.identify(method, metadata, first)
+            if self._auth is not None:
+                credentials = Credentials(metadata, context.peer(), context.auth_context)
+                info = self._as_caller(info, await self._auth.authenticate(credentials))
+        except RouterError as exc:
             await _abort(context, exc)
-        if pin is None:  # not a known session on a live driver: the slow path
+        if self._telemetry.tracer is not None:
+            obs.identified(info.session_id, info.user, info.operation_id)
+        md = self._forwarded(raw_md)
+        placement = self._placement
+        pin = placement.known(info.key)
+        if pin is None or pin.driver in placement.move_idle or not placement.is_live(pin.driver):
             pin = await self._placed(method, first, info, md, context, obs)
         return info, md, pin
 
-    def _route(
-        self, method: Method, raw_md: Metadata | None, first: bytes, obs: CallObservation
-    ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin | None]:
-        """Identify a call (BadRequest on bad input): (info, metadata to forward, pin or None).
+    def _as_caller(self, info: RequestInfo, identity: Identity) -> RequestInfo:
+        """The call as its authenticated caller makes it (identity: rewrite), or refused."""
+        if identity.user == info.user_id:
+            return info
+        if self._reject_spoofing:
+            self._telemetry.ownership_refusals.labels("spoofed").inc()
+            raise PermissionDenied(
+                f"the request claims user_id {info.user_id!r} but the caller authenticated "
+                f"as {identity.user!r}; connect with sc://…/;user_id={identity.user} (or "
+                "leave user_id out and let the router set it)"
+            )
+        return info.as_user(identity.user)
 
-        The pin is there for a known session on a live driver, the common case: no registry,
-        no await. None sends the call down the slow path (`_placed`): place, follow or move.
-        """
-        info = protocol.identify(method, _as_dict(raw_md), first)
-        if self._telemetry.tracer is not None:
-            obs.identified(info.session_id, info.user_id, info.operation_id)
-        placement = self._placement
-        pin = placement.known(info.session_id)
-        if pin is not None and (
-            pin.driver in placement.move_idle or not placement.is_live(pin.driver)
-        ):
-            pin = None
-        return info, forwardable(raw_md), pin
+    def _forwarded(self, raw_md: Metadata | None) -> list[tuple[str, str | bytes]]:
+        """The metadata sent on to the driver: the client's, less credentials, plus ours."""
+        md = forwardable(raw_md)
+        if self._strip:
+            md = [(k, v) for k, v in md if k not in self._strip]
+        if self._to_drivers:
+            md.extend(self._to_drivers)
+        return md
 
     async def _first_request(
         self, method: Method, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
@@ -511,6 +552,19 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context, DriverUnreachable(f"driver {pin.driver} (pool {pin.pool}): {details}")
             )
         await _end(context, code, details or "", tuple(exc.trailing_metadata() or ()))
+
+
+def _first_for(info: RequestInfo, alias: str | None, first: bytes) -> bytes:
+    """The first request as the driver must see it: observed id cut (moved), user rewritten."""
+    body = first if alias is None else info.without_observed(first)
+    user = info.rewrite_user
+    return body if user is None else protocol.with_user(body, user)
+
+
+def _as_user(info: RequestInfo, request: bytes) -> bytes:
+    """A request as its authenticated user sends it (what the journal keeps)."""
+    user = info.rewrite_user
+    return request if user is None else protocol.with_user(request, user)
 
 
 async def _relay_metadata(context: grpc.aio.ServicerContext, call: Any) -> None:

@@ -32,7 +32,7 @@ from router.upstreams import Upstreams
 log = logging.getLogger(__name__)
 
 Metadata = Sequence[tuple[str, str | bytes]]
-_Key = tuple[str, str]  # (session, operation)
+_Key = tuple[str, str]  # (session key, operation)
 
 
 def released(session_id: str, operation: str) -> bytes:
@@ -64,7 +64,7 @@ class Releases:
     ) -> bytes | None:
         """The answer to a ReleaseExecute(release_until) now; None to forward it (release_all)."""
         operation = info.operation_id or ""
-        key = (info.session_id, operation)
+        key = (pin.key, operation)
         if not info.releases_until:
             self._next.pop(key, None)
             return None
@@ -105,7 +105,7 @@ class Releases:
         from pyspark.sql.connect.proto import base_pb2
 
         if method.name == "ReleaseSession":
-            await self._forget_session(info.session_id)
+            await self._forget_session(info.key)
             return bytes(
                 base_pb2.ReleaseSessionResponse(session_id=info.session_id).SerializeToString()
             )

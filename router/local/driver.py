@@ -13,6 +13,9 @@ Invariants (the package docstring says them in full)
   interrupt, then raises `DriverFailedToStart` with the log path and tail. Java is checked, and
   each port found free, before its JVM starts.
 * Ready means answering: TCP accepts *and* a `Config` call answers this driver's own port.
+* A driver given a `token` requires it (`authorization: Bearer`) on every call: it is handed
+  over in the environment (SPARK_CONNECT_AUTHENTICATE_TOKEN), never on the command line,
+  which `ps` shows every user and the log header repeats; the readiness probe sends it.
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ from pathlib import Path
 from types import TracebackType
 
 from common import procs
-from common.health import PROBE_SESSION_ID, PROBE_USER_ID, ask_binding_port
+from common.health import (
+    PLAINTEXT,
+    PROBE_SESSION_ID,
+    PROBE_USER_ID,
+    DriverDialing,
+    ask_binding_port,
+)
 from router.local.display import live_display, log_state, wants_live
 from router.local.java import LocalDriverError, check_java
+from router.tls import build_dialing
 
 __all__ = [
     "DEFAULT_MASTER",
@@ -75,8 +85,10 @@ RESERVED_CONF = frozenset(
         "spark.connect.grpc.binding.port",
         "spark.connect.grpc.binding.address",
         "spark.driver.memory",
+        "spark.connect.authenticate.token",  # the `token` argument (driver_token for `up`)
     }
 )
+TOKEN_ENV = "SPARK_CONNECT_AUTHENTICATE_TOKEN"
 # Variables that would make the server process think it is a Connect *client*.
 _CLIENT_ONLY_ENV = ("SPARK_REMOTE", "SPARK_CONNECT_MODE_ENABLED", "SPARK_API_MODE")
 
@@ -189,7 +201,8 @@ def _check_spark_conf(conf: Mapping[str, str]) -> None:
     reserved = sorted(RESERVED_CONF.intersection(conf))
     if reserved:
         raise ValueError(
-            f"spark_conf must not set {', '.join(reserved)}: use the host/ports/memory arguments"
+            f"spark_conf must not set {', '.join(reserved)}: use the host/ports/memory/token "
+            "arguments (for `up`: listen, driver_memory, driver_token)"
         )
 
 
@@ -243,11 +256,14 @@ def driver_env(
     python: str,
     java_home: str | None = None,
     base: Mapping[str, str] | None = None,
+    token: str | None = None,
 ) -> dict[str, str]:
     """The environment of one driver process: inherited, plus SPARK_HOME, SPARK_LOCAL_IP, ..."""
     env = dict(os.environ if base is None else base)
     for name in _CLIENT_ONLY_ENV:
         env.pop(name, None)
+    if token is not None:
+        env[TOKEN_ENV] = token  # Spark reads it when spark.connect.authenticate.token is unset
     env["SPARK_HOME"] = spark_home
     env["SPARK_LOCAL_IP"] = host
     env["PYSPARK_PYTHON"] = python  # Python UDF workers need pyspark + pyarrow
@@ -256,10 +272,12 @@ def driver_env(
     return env
 
 
-def probe_driver(host: str, port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
+def probe_driver(
+    host: str, port: int, timeout: float = PROBE_TIMEOUT, dialing: DriverDialing = PLAINTEXT
+) -> str | None:
     """One Spark Connect Config call; returns the driver's binding port conf, None if no answer."""
     # Readiness is polled from threads without an event loop: one short-lived loop per probe.
-    return asyncio.run(ask_binding_port(_format_address(host, port), timeout))
+    return asyncio.run(ask_binding_port(_format_address(host, port), timeout, dialing))
 
 
 # --------------------------------------------------------------------------- drivers
@@ -280,7 +298,8 @@ class LocalDriver:
     """One Spark Connect server JVM on host:port, started with the pyspark package's spark-submit.
 
     States: "new" -> "starting" -> "port open" -> "ready"; "failed" or "stopped" at the end.
-    `start()` may be called again after `stop()` (same port, log appended).
+    `start()` may be called again after `stop()` (same port, log appended). With a `token`
+    the driver requires it on every call (see the module docstring).
     """
 
     def __init__(
@@ -293,9 +312,12 @@ class LocalDriver:
         python: str = sys.executable,
         java_home: str | None = None,
         spark_conf: Mapping[str, str] | None = None,
+        token: str | None = None,
     ) -> None:
         self.host = host
         self.port = port if port is not None else free_port(host)
+        self._token = token
+        self._dialing = build_dialing(tls=False, token=token)  # the readiness probe's
         self.memory = memory
         self.work_dir = _work_dir(work_dir)
         self.python = python
@@ -346,7 +368,13 @@ class LocalDriver:
                 raise LocalDriverError(f"driver {self.address} is already running")
             home = spark_home()
             command = self.command()
-            env = driver_env(home, host=self.host, python=self.python, java_home=self.java_home)
+            env = driver_env(
+                home,
+                host=self.host,
+                python=self.python,
+                java_home=self.java_home,
+                token=self._token,
+            )
             self.work_dir.mkdir(parents=True, exist_ok=True)
             if _port_in_use(self.host, self.port):
                 self._ended(state="failed")
@@ -388,7 +416,7 @@ class LocalDriver:
         with self._lock:
             if self.state == "starting":
                 self.state = "port open"
-        answer = probe_driver(self.host, self.port)
+        answer = probe_driver(self.host, self.port, dialing=self._dialing)
         if answer is None:
             return False
         if answer != str(self.port):
@@ -531,7 +559,7 @@ class LocalDrivers:
     Ports are chosen in __init__ (given `ports`, else free ones), so `addresses` and
     `work_dir` are known before start(). As a context manager, `__enter__` returns self
     *without* starting (call `start()` inside the block, so its failures surface there) and
-    `__exit__` stops every driver.
+    `__exit__` stops every driver. A `token` is required by every driver of the set.
     """
 
     def __init__(
@@ -546,6 +574,7 @@ class LocalDrivers:
         java_home: str | None = None,
         spark_conf: Mapping[str, str] | None = None,
         startup_timeout: float = 180.0,
+        token: str | None = None,
     ) -> None:
         if count < 1:
             raise ValueError(f"count must be at least 1, not {count}")
@@ -574,6 +603,7 @@ class LocalDrivers:
                 python=python,
                 java_home=java_home,
                 spark_conf=spark_conf,
+                token=token,
             )
             for port in ports
         ]

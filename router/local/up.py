@@ -9,16 +9,22 @@ Invariants
   process is left to the drivers' PDEATHSIG.
 * Exit codes: 0 after serving, 3 could not start (`EXIT_STARTUP_FAILURE`), 130 Ctrl-C and
   128 + N signal N during start-up.
+* Only `up`'s router reaches its drivers: they are started with a backend token
+  (driver_token if set, else a fresh random one) and the router runs with that driver_token,
+  so a client dialing a driver's port directly is refused (UNAUTHENTICATED). The token is
+  never printed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import secrets
 import signal
 import socket
 
 import click
+from pydantic import SecretStr
 
 from common.addresses import split_host_port
 from common.lifecycle import EXIT_STARTUP_FAILURE
@@ -26,6 +32,7 @@ from router.config import Settings
 from router.local.driver import LocalDrivers
 from router.local.java import LocalDriverError, check_java
 from router.server import Replica, StartupError, run_async, serve_until_signal
+from router.tls import TLSConfigError, driver_dialing, server_credentials
 
 __all__ = ["run_up"]
 
@@ -44,11 +51,29 @@ def _check_port_free(listen: str) -> None:
             raise StartupError(f"cannot listen on {listen}: {reason}") from exc
 
 
-def _client_url(address: str) -> str:
+def _client_url(address: str, tls: bool = False) -> str:
     host, port = split_host_port(address)
     if host in ("0.0.0.0", "[::]", "::"):
         host = "localhost"
-    return f"sc://{host}:{port}"
+    return f"sc://{host}:{port}" + ("/;use_ssl=true" if tls else "")
+
+
+def _with_driver_token(settings: Settings) -> tuple[Settings, str]:
+    """The router's settings with the drivers' token (the given one, else a random one)."""
+    if settings.driver_token is not None:
+        return settings, settings.driver_token.get_secret_value()
+    token = secrets.token_urlsafe(32)
+    return settings.model_copy(update={"driver_token": SecretStr(token)}), token
+
+
+def _check_tls(settings: Settings) -> None:
+    """Fail before the slow driver start-up if a certificate or key file cannot be used."""
+    try:
+        driver_dialing(settings)
+        if settings.tls_enabled:
+            server_credentials(settings)
+    except TLSConfigError as exc:
+        raise StartupError(str(exc)) from exc
 
 
 def run_up(settings: Settings) -> int:
@@ -68,6 +93,8 @@ def run_up(settings: Settings) -> int:
                 _check_port_free(settings.admin_listen)
             except StartupError as exc:
                 raise StartupError(f"admin_listen: {exc} (admin_listen: off turns it off)") from exc
+        settings, token = _with_driver_token(settings)
+        _check_tls(settings)
         check_java(settings.java_home)
         drivers = LocalDrivers(
             settings.local_drivers,
@@ -75,6 +102,7 @@ def run_up(settings: Settings) -> int:
             java_home=settings.java_home,
             spark_conf=settings.spark_conf,
             startup_timeout=settings.driver_startup_timeout_seconds,
+            token=token,
         )
         click.echo(
             f"Starting {settings.local_drivers} Spark Connect driver(s) "
@@ -88,7 +116,7 @@ def run_up(settings: Settings) -> int:
         async def main() -> None:
             async def announce() -> None:
                 await ready.wait()
-                url = _client_url(replica.address)
+                url = _client_url(replica.address, settings.tls_enabled)
                 click.echo(f"\nSpark Connect router ready: {url}")
                 click.echo(f'  pyspark: SparkSession.builder.remote("{url}").getOrCreate()')
                 click.echo(f"  drivers: {', '.join(addresses)}    Ctrl-C stops everything\n")

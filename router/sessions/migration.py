@@ -191,19 +191,22 @@ class Mover:
         moving call's, so its credentials reach the new driver). Raises NoLiveDriver when
         there is nowhere to go.
         """
-        running = self._moving.get(pin.session_id)
+        # An operator's move brings no call: the router's own driver credentials go instead.
+        metadata = metadata or self._upstreams.auth_metadata
+        key = pin.key
+        running = self._moving.get(key)
         if running is not None:
             winner, _ = await asyncio.shield(running)
             return winner, False
         task = asyncio.ensure_future(self._move(pin, reason, observed, target, metadata))
-        self._moving[pin.session_id] = task
-        task.add_done_callback(lambda done: self._moved(pin.session_id, done))
+        self._moving[key] = task
+        task.add_done_callback(lambda done: self._moved(key, done))
         # Shielded: a client that goes away must not stop a replay behind a committed alias.
         return await asyncio.shield(task)
 
-    def _moved(self, session_id: str, task: asyncio.Future[tuple[Pin, bool]]) -> None:
-        if self._moving.get(session_id) is task:
-            del self._moving[session_id]
+    def _moved(self, key: str, task: asyncio.Future[tuple[Pin, bool]]) -> None:
+        if self._moving.get(key) is task:
+            del self._moving[key]
         if not task.cancelled():
             task.exception()  # retrieved: its callers, if any are left, have it
 
@@ -226,7 +229,7 @@ class Mover:
             return current, False
         entries = None
         if self._migration == "replay":
-            entries = await self._registry.journal(pin.session_id)
+            entries = await self._registry.journal(pin.key)
             if entries is not None and reason is Reason.ADMIN and not pin.server_side_id:
                 observed = observed or await self._server_side_id(pin)
         decided = plan(pin, reason, self._migration, entries, observed)
@@ -263,7 +266,7 @@ class Mover:
     async def _current(self, pin: Pin) -> Pin | None:
         """The session's pin as the registry has it now (`pin` itself when it cannot say)."""
         try:
-            return await self._registry.get_pin(pin.session_id)
+            return await self._registry.get_pin(pin.key)
         except RegistryUnavailable:
             return pin  # degraded: the compare-and-set moves it locally, as for a new session
 
@@ -320,7 +323,11 @@ class Mover:
         try:
             response = await self._upstreams.channel(pin.driver).unary_unary(
                 protocol.PATH_PREFIX + "Config"
-            )(request.SerializeToString(), timeout=_OLD_DRIVER_TIMEOUT)
+            )(
+                request.SerializeToString(),
+                metadata=self._upstreams.auth_metadata,
+                timeout=_OLD_DRIVER_TIMEOUT,
+            )
         except grpc.aio.AioRpcError:
             return None
         field = protocol.METHODS["Config"].response_server_side_field

@@ -24,8 +24,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 from registry.base import Registry, RegistryUnavailable
-from registry.models import DriverState, Event, EventKind, Pin
-from router.errors import NoLiveDriver, UnknownPool
+from registry.models import DriverState, Event, EventKind, Pin, session_key
+from router.errors import NoLiveDriver, PermissionDenied, UnknownPool
 from router.sessions.ring import Rings
 from router.telemetry import Telemetry
 
@@ -44,7 +44,10 @@ def choose(session_id: str, pool: str, rings: Rings, avoid: str | None = None) -
 
 
 class PinCache:
-    """A bounded LRU of session → pin, counting its sessions per (pool, driver) for metrics."""
+    """A bounded LRU of session key → pin, counting its sessions per (pool, driver) for metrics.
+
+    Keys are `Pin.key` (registry.models.session_key): the session's user and id.
+    """
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
@@ -57,40 +60,42 @@ class PinCache:
         if not self.counts[key]:
             del self.counts[key]
 
-    def get(self, session_id: str) -> Pin | None:
+    def get(self, key: str) -> Pin | None:
         """The cached pin, refreshed as most recently used."""
-        pin = self._pins.get(session_id)
+        pin = self._pins.get(key)
         if pin is not None:
-            self._pins.move_to_end(session_id)
+            self._pins.move_to_end(key)
         return pin
 
     def put(self, pin: Pin) -> None:
         """Cache a pin, evicting the least recently used one when full."""
-        old = self._pins.get(pin.session_id)
+        key = pin.key
+        old = self._pins.get(key)
         if old is not None:
             self._count(old, -1)
-        self._pins[pin.session_id] = pin
+        self._pins[key] = pin
         self._count(pin, 1)
-        self._pins.move_to_end(pin.session_id)
+        self._pins.move_to_end(key)
         while len(self._pins) > self._capacity:
             _, evicted = self._pins.popitem(last=False)
             self._count(evicted, -1)
 
-    def peek(self, session_id: str) -> Pin | None:
+    def peek(self, key: str) -> Pin | None:
         """The cached pin, leaving the LRU order alone."""
-        return self._pins.get(session_id)
+        return self._pins.get(key)
 
     def replace(self, pin: Pin) -> None:
         """Update a pin only if this cache holds the session."""
-        old = self._pins.get(pin.session_id)
+        key = pin.key
+        old = self._pins.get(key)
         if old is not None:
             self._count(old, -1)
             self._count(pin, 1)
-            self._pins[pin.session_id] = pin
+            self._pins[key] = pin
 
-    def drop(self, session_id: str) -> Pin | None:
+    def drop(self, key: str) -> Pin | None:
         """Forget a session; its pin if it was cached."""
-        old = self._pins.pop(session_id, None)
+        old = self._pins.pop(key, None)
         if old is not None:
             self._count(old, -1)
         return old
@@ -129,30 +134,43 @@ class Placement:
         self.rings = rings
         self.move_idle = move_idle
 
-    def known(self, session_id: str) -> Pin | None:
-        """The cached pin of a known session (its TTL refreshed in the next batch), else None."""
-        pin = self.cache.get(session_id)
+    def known(self, key: str) -> Pin | None:
+        """The cached pin of a known session key (TTL refreshed in the next batch), else None."""
+        pin = self.cache.get(key)
         if pin is not None:
-            self._active.add(session_id)
+            self._active.add(key)
         return pin
 
-    async def place(self, session_id: str, pool: str | None, owner: str | None = None) -> Pin:
-        """The pin of a session, creating it on the session's first call."""
-        pin = self.known(session_id)
+    async def place(
+        self, session_id: str, pool: str | None, owner: str | None = None, *, claim: bool = False
+    ) -> Pin:
+        """The pin of (owner, session id), creating it on the session's first call.
+
+        With `claim` (authentication on), a session id is one user's: a new pin for an id
+        that another user holds is PermissionDenied, on every replica (registry.claim).
+        During a registry outage the claim cannot be checked; the pin is made anyway.
+        """
+        key = session_key(owner, session_id)
+        pin = self.known(key)
         if pin is not None:
             return pin
         pool = pool or self.default_pool
         try:
-            pin = await self._registry.get_pin(session_id)
+            pin = await self._registry.get_pin(key)
             source = "registry"
             if pin is None:
+                if claim and owner and await self._registry.claim(session_id, owner) != owner:
+                    raise PermissionDenied(
+                        f"session {session_id} belongs to another user; start a new session "
+                        "(a new SparkSession) instead of reusing its id"
+                    )
                 pin = await self._registry.bind(self._new_pin(session_id, pool, owner))
                 source = "ring"
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
             pin = self._new_pin(session_id, pool, owner)
-            self._pending[session_id] = pin
+            self._pending[key] = pin
             self.telemetry.pins_pending.set(len(self._pending))
             source = "degraded"
         self.telemetry.sessions_placed.labels(pin.pool, source).inc()
@@ -185,28 +203,28 @@ class Placement:
         says (driver, kept identity) is sessions/migration.py's decision.
         """
         try:
-            winner = await self._registry.move(pin.session_id, pin.driver, new)
+            winner = await self._registry.move(pin.key, pin.driver, new)
         except RegistryUnavailable as exc:
             # Degraded: move locally by the ring, as for a new session; written back later.
             self._registry_down(exc)
             winner = new
-            self._pending[pin.session_id] = new
+            self._pending[pin.key] = new
         if winner is None:  # the pin expired or was released meanwhile: bind afresh
             winner = await self._registry.bind(new)
         self.cache.put(winner)
         return winner, winner == new
 
-    async def release(self, session_id: str) -> None:
-        """Forget a session everywhere (after a successful ReleaseSession)."""
-        cached = self.cache.drop(session_id)
+    async def release(self, key: str) -> None:
+        """Forget a session (by key) everywhere, after a successful ReleaseSession."""
+        cached = self.cache.drop(key)
         self.telemetry.sessions_released.labels(cached.pool if cached else "unknown").inc()
-        self._active.discard(session_id)
-        if self._pending.pop(session_id, None) is not None:
+        self._active.discard(key)
+        if self._pending.pop(key, None) is not None:
             self.telemetry.pins_pending.set(len(self._pending))
             return
         try:
-            await self._registry.release(session_id)
-            await self._registry.journal_drop(session_id)
+            await self._registry.release(key)
+            await self._registry.journal_drop(key)
         except RegistryUnavailable as exc:
             # The pin expires by its TTL; nothing else depends on it.
             self._registry_down(exc)
@@ -222,15 +240,15 @@ class Placement:
         """Periodic registry work: write back pins of the outage, refresh TTLs in one batch."""
         reached = False  # whether the registry answered anything this time
         try:
-            for session_id, pin in list(self._pending.items()):
+            for key, pin in list(self._pending.items()):
                 winner = await self._registry.bind(pin)
                 reached = True
-                del self._pending[session_id]
+                del self._pending[key]
                 if winner != pin:
                     log.warning(
                         "session %s was pinned to %s by another replica during the outage; "
                         "following it (was %s here)",
-                        session_id,
+                        pin.session_id,
                         winner.driver,
                         pin.driver,
                     )

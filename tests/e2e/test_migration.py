@@ -5,6 +5,7 @@ The two drivers are this module's own (tests kill them); each test revives what 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -136,6 +137,53 @@ def test_sigkill_of_the_driver_keeps_the_session(drivers: LocalDrivers, tmp_path
     finally:
         spark.stop()
         router.stop()
+
+
+def test_another_users_release_of_the_session_id_leaves_the_session_whole(
+    drivers: LocalDrivers, redis_url: str
+) -> None:
+    """Without auth, a session is (user, id): mallory's release through another replica
+    ends her own session, never alice's pin or journal, and alice's session still moves."""
+    from registry import open_registry
+    from registry.models import session_key
+
+    a, b = (
+        Router(drivers, SPARK_ROUTER_REGISTRY=redis_url),
+        Router(drivers, SPARK_ROUTER_REGISTRY=redis_url),
+    )
+    spark = SparkSession.builder.remote(f"{a.url}/;user_id=alice").create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "7")
+        spark.sql("CREATE OR REPLACE TEMP VIEW alices AS SELECT id * 3 AS v FROM range(10)")
+        before = spark.sql("SELECT sum(v) AS s FROM alices").collect()
+        sid = spark.session_id
+        key = session_key("alice", sid)
+
+        async def pin_and_journal() -> tuple[object, object]:
+            registry = open_registry(redis_url)
+            try:
+                return await registry.get_pin(key), await registry.journal(key)
+            finally:
+                await registry.close()
+
+        pin, journal = asyncio.run(pin_and_journal())
+        assert pin is not None and journal
+
+        mallory = SparkSession.builder.remote(f"{b.url}/;user_id=mallory;session_id={sid}").create()
+        assert mallory.sql("SELECT 1 AS one").collect()[0].one == 1
+        assert not mallory.catalog.tableExists("alices")  # her own session on the driver
+        mallory.stop()  # ReleaseSession with alice's session id, as mallory
+
+        assert asyncio.run(pin_and_journal()) == (pin, journal)
+        victim = _victim_of(drivers, spark)
+        _kill(victim)
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+        assert spark.sql("SELECT sum(v) AS s FROM alices").collect() == before
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        a.stop()
+        b.stop()
 
 
 def test_a_hung_driver_is_detected_and_the_session_moves(drivers: LocalDrivers) -> None:

@@ -19,6 +19,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -199,6 +200,7 @@ async def test_drivers_and_sessions_after_known_traffic(env: Env) -> None:
     assert int(before) <= created <= after
     assert record == {
         "session_id": s,
+        "key": f"alice/{s}",
         "driver": env.driver_at(ports[s]).address,
         "pool": "default",
         "owner": "alice",
@@ -308,6 +310,30 @@ async def test_the_token_guards_the_api_and_not_the_probes(env: Env) -> None:
         assert status == 200, path
     status, text = await env.get("/metrics")
     assert "spark_router_" in text
+
+
+async def test_with_auth_on_the_admin_role_comes_from_config(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from router.admit import tokens
+
+    path = tmp_path / "tokens.yaml"
+    ops = tokens.add(path, "olga", ["sre"])
+    dev = tokens.add(path, "dan", ["analysts"])
+    settings = {"auth": ["token"], "token_file": path, "admin_groups": ["sre"]}
+    async with _env(redis_url, registered=False, admin_token=TOKEN, **settings) as e:
+        assert (await e.api("GET", "/api/drivers", token=ops))[0] == 200  # in an admin group
+        assert (await e.api("GET", "/api/drivers", token=TOKEN))[0] == 200  # admin_token too
+        status, body = await e.api("GET", "/api/drivers", token=dev)
+        assert status == 403 and "'dan' has no admin role" in body["error"]
+        for token in (None, "ssr_not-a-token"):
+            status, body = await e.api("GET", "/api/drivers", token=token)
+            assert status == 401 and "admin_groups" in body["error"]
+            assert "ssr_not-a-token" not in body["error"]
+        assert (await e.get("/readyz"))[0] == 200  # probes stay open
+    async with _env(redis_url, registered=False, **settings | {"admin_groups": []}) as e:
+        status, body = await e.api("GET", "/api/drivers", token=ops)
+        assert status == 403 and "admin API is closed" in body["error"]
 
 
 @pytest.mark.parametrize(

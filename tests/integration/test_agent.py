@@ -358,3 +358,35 @@ def test_run_agent_exits_3_when_the_registry_is_unreachable_at_start(
         "agent cannot start: registry redis://h:6379 unreachable after 3 attempts: "
         "Connection refused"
     ]
+
+
+async def test_the_agent_cli_probes_a_token_protected_driver_with_its_token(
+    redis_url: str,
+) -> None:
+    """A driver that demands a token is registered only if the agent sends it (from the env)."""
+    from registry import open_registry
+
+    token = "agent-token-" + "7" * 20
+    driver = spawn(["-m", "loadtest.fake_driver", "--listen", "127.0.0.1:0", "--token", token])
+    address = read_line_matching(driver, "listening on", timeout=30).rsplit(" ", 1)[1].strip()
+    agent = spawn(
+        ["-m", "router.cli", "agent", "--driver", address, "--registry", redis_url],
+        env={
+            "SPARK_ROUTER_DRIVER_TOKEN": token,
+            "SPARK_ROUTER_AGENT_HEARTBEAT_INTERVAL": "0.2",
+            "SPARK_ROUTER_AGENT_PROBE_TIMEOUT": "0.5",
+        },
+    )
+    store = open_registry(redis_url)
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while not any(
+            d.address == address and d.state is DriverState.ACTIVE for d in await store.drivers()
+        ):
+            assert agent.poll() is None, "the agent exited"
+            assert asyncio.get_running_loop().time() < deadline, "never registered active"
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+        assert stop(agent) == 0
+        assert stop(driver) == 0

@@ -13,7 +13,7 @@ import pytest
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from loadtest.fake_driver import FakeDriver
-from registry.models import DrainMode, DriverState
+from registry.models import DrainMode, DriverState, session_key
 from router.config import load_settings
 from router.server import Replica
 from tests.helpers import eventually
@@ -193,7 +193,8 @@ async def test_move_idle_moves_a_session_on_its_next_fresh_call(
     slow.cancel()
     with pytest.raises(asyncio.CancelledError):
         await reading
-    await eventually(lambda: s not in replica.proxy.open_streams, "the stream to end")
+    key = session_key("ann", s)
+    await eventually(lambda: key not in replica.proxy.open_streams, "the stream to end")
 
     # A cleanup call continues what runs on the old driver: the session stays.
     await stub.ReleaseExecute(
@@ -206,7 +207,7 @@ async def test_move_idle_moves_a_session_on_its_next_fresh_call(
         ),
         timeout=10,
     )
-    assert (await replica.registry.get_pin(s)).driver == home.address  # type: ignore[union-attr]
+    assert (await replica.registry.get_pin(session_key("ann", s))).driver == home.address  # type: ignore[union-attr]
 
     # Idle now: the next fresh call moves it, with its conf and the id the client knows.
     got = await stub.Config(
@@ -214,7 +215,7 @@ async def test_move_idle_moves_a_session_on_its_next_fresh_call(
     )
     assert got.server_side_session_id == original
     assert [p.value for p in got.pairs] == [str(other.port), "7"]
-    pin = await replica.registry.get_pin(s)
+    pin = await replica.registry.get_pin(session_key("ann", s))
     assert pin is not None and pin.driver == other.address and pin.moves == 1
     assert pin.owner == "ann"
     assert (
@@ -249,7 +250,7 @@ async def test_an_operator_move_keeps_identity_learned_from_the_driver(
     drivers, replica, stub = setup
     s = str(uuid.uuid4())
     original, home, other = await _home_and_other(drivers, stub, s)
-    pin = await replica.proxy.move_session(s)
+    pin = await replica.proxy.move_session(session_key("ann", s))
     assert pin.driver == other.address and pin.server_side_id == original and pin.moves == 1
     got = await stub.Config(
         _config(s, original, PORT_KEY, "spark.sql.shuffle.partitions", user="ann")

@@ -16,7 +16,7 @@ from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from loadtest.fake_driver import FakeDriver
 from registry.base import Registry
-from registry.models import Pin
+from registry.models import Pin, session_key
 from router.config import Settings, load_settings
 from router.server import Replica
 from router.sessions.migration import Mover, Reason
@@ -143,7 +143,7 @@ def _failed(replica: Replica, reason: str) -> float:
 
 
 async def _pin(replica: Replica, s: str) -> Pin:
-    pin = await replica.registry.get_pin(s)
+    pin = await replica.registry.get_pin(session_key(USER, s))
     assert pin is not None
     return pin
 
@@ -221,7 +221,9 @@ async def test_an_operator_move_learns_the_identity_and_waits_for_the_release(
 async def test_an_overflowed_journal_moves_strictly_or_not_at_all(env: Env) -> None:
     s = str(uuid.uuid4())
     original, _, other = await _open(env.stub, env.drivers, s)
-    assert not await env.replica.registry.journal_append(s, b"too big", 1)  # overflowed now
+    assert not await env.replica.registry.journal_append(
+        session_key(USER, s), b"too big", 1
+    )  # overflowed now
     pin = await _pin(env.replica, s)
     # A drain could not go unnoticed: the session stays.
     assert await env.mover.move(pin, Reason.DRAIN, observed=original) == (pin, False)
@@ -273,7 +275,9 @@ async def test_a_replay_that_fails_again_ends_in_session_changed_and_is_counted(
             assert "INVALID_HANDLE.SESSION_CHANGED" in (err.value.details() or "")
     pin = await _pin(env.replica, s)
     assert (pin.driver, pin.server_side_id) == (other.address, None)
-    assert env.replica.placement.cache.peek(s) == pin  # this replica stopped rewriting too
+    assert (
+        env.replica.placement.cache.peek(session_key(USER, s)) == pin
+    )  # this replica stopped rewriting too
     assert _failed(env.replica, "driver_down") == 1
     warnings = [r for r in caplog.records if r.name == "router.sessions.migration"]
     assert len(warnings) == 1 and "SESSION_CHANGED" in warnings[0].getMessage()
@@ -379,7 +383,7 @@ async def test_a_replica_that_moves_a_session_after_another_did_follows_it(
     # The second replica still holds the old pin (say its call failed on the dead driver
     # before the move's event arrived): it follows, replaying and counting nothing.
     assert await second.move(stale, Reason.DRIVER_DOWN, observed=original) == (pin, False)
-    assert cluster.replicas[1].placement.cache.peek(s) == pin
+    assert cluster.replicas[1].placement.cache.peek(session_key(USER, s)) == pin
     await _moved_once(cluster, s, original, other)
 
 

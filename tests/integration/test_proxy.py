@@ -13,6 +13,7 @@ from google.rpc import error_details_pb2, status_pb2
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc, commands_pb2, relations_pb2
 
 from loadtest.fake_driver import FakeDriver
+from registry.models import session_key
 from router.server import Replica
 
 Stub = base_pb2_grpc.SparkConnectServiceStub
@@ -134,10 +135,11 @@ async def test_every_known_method_reaches_the_pinned_driver(
 async def test_released_session_is_unpinned(stub: Stub, router: Replica) -> None:
     s = str(uuid.uuid4())
     await _binding_port(stub, s)
-    assert await router.registry.get_pin(s) is not None
+    key = session_key("alice", s)
+    assert await router.registry.get_pin(key) is not None
     await stub.ReleaseSession(base_pb2.ReleaseSessionRequest(session_id=s, user_context=_user()))
-    assert await router.registry.get_pin(s) is None
-    assert router.placement.cache.get(s) is None
+    assert await router.registry.get_pin(key) is None
+    assert router.placement.cache.get(key) is None
 
 
 async def test_sessions_stick_and_spread(stub: Stub, drivers: list[FakeDriver]) -> None:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from registry.base import Registry
 from registry.memory import MemoryRegistry
-from registry.models import DrainMode, Driver, DriverState, Event, EventKind, Pin
+from registry.models import DrainMode, Driver, DriverState, Event, EventKind, Pin, session_key
 from registry.redis import RedisRegistry
 from tests.helpers import Listener
 
@@ -541,12 +541,13 @@ async def test_pins_keep_owner_created_and_moves(store: Harness) -> None:
     other = await store.peer(reg)
     pin = Pin("s1", "d1:1", "gold", owner="ann", created=1_700_000_000.5)
     await reg.bind(pin)
-    got = await other.get_pin("s1")
+    assert await other.get_pin("s1") is None  # ann's session is keyed by her too
+    got = await other.get_pin(pin.key)
     assert got is not None
     assert (got.owner, got.created, got.moves) == ("ann", 1_700_000_000.5, 0)
     moved = Pin("s1", "d2:1", "gold", "srv-1", owner="ann", created=1_700_000_000.5, moves=1)
-    await reg.move("s1", "d1:1", moved)
-    got = await other.get_pin("s1")
+    await reg.move(pin.key, "d1:1", moved)
+    got = await other.get_pin(pin.key)
     assert got == moved and got is not None and got.moves == 1 and got.owner == "ann"
 
 
@@ -574,3 +575,46 @@ async def test_sessions_leaves_out_expired_pins(store: Harness) -> None:
         return [p.session_id for p in await reg.sessions("d1:1")] == ["kept"]
 
     await eventually(store, old_gone, "the untouched pin to leave the driver's sessions")
+
+
+# --- sessions are (user, id) and an id is claimed by one user ------------------------------
+
+
+async def test_pins_of_two_users_with_one_session_id_are_apart(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    alice = Pin("s1", "d1:1", owner="alice")
+    mallory = Pin("s1", "d2:1", owner="mallory/x")  # a '/' in a user stays in its half
+    assert await reg.bind(alice) == alice
+    assert await reg.bind(mallory) == mallory
+    got = await other.get_pin(alice.key)
+    assert got == alice and got is not None and got.owner == "alice"
+    got = await other.get_pin(mallory.key)
+    assert got is not None and (got.owner, got.driver) == ("mallory/x", "d2:1")
+    await other.release(mallory.key)
+    assert await reg.get_pin(alice.key) == alice
+    listed = {(p.session_id, p.owner) for p in await reg.sessions()}
+    assert listed == {("s1", "alice")}
+
+
+async def test_a_session_id_is_claimed_by_its_first_user(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.claim("s1", "alice") == "alice"
+    assert await other.claim("s1", "mallory") == "alice"
+    assert await other.claim("s1", "alice") == "alice"
+    assert await other.claim("s2", "mallory") == "mallory"
+
+
+async def test_a_claim_expires_with_its_pins_and_touch_keeps_it(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    await reg.claim("kept", "alice")
+    await reg.bind(Pin("kept", "d1:1", owner="alice"))
+    await reg.claim("dropped", "alice")
+
+    async def dropped_is_free() -> bool:
+        await reg.touch([session_key("alice", "kept")])
+        return await reg.claim("dropped", "bob") == "bob"
+
+    await eventually(store, dropped_is_free, "the untouched claim to expire")
+    assert await reg.claim("kept", "bob") == "alice"

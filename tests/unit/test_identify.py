@@ -17,7 +17,7 @@ from router.dataplane import protocol, wire
 from router.dataplane.protocol import METHODS
 from router.errors import BadRequest
 
-ids = st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s)
+ids = st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s and "/" not in s)
 maybe = st.none() | ids
 
 

@@ -1,0 +1,1 @@
+"""Who is calling, and may they: authentication (auth.py) and policy."""
