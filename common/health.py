@@ -11,6 +11,8 @@ Invariants:
 - A probe is one real Spark Connect `Config` call (get `spark.connect.grpc.binding.port`)
   on a fresh channel with its own subchannel, bounded by its timeout (connecting included):
   a refused, failing or hung driver fails it, and so does an answer for another session.
+- `diagnose` is the same probe saying why it failed (a short text, no secrets): the router
+  keeps the last one per driver to name it when a pool has no live driver.
 - A probe dials a driver the way calls do (`DriverDialing`: TLS or not, the backend token),
   so a driver that refuses the router's token or certificate fails its probes too. The
   token never appears in a log line or a repr.
@@ -35,6 +37,7 @@ __all__ = [
     "PROBE_CONF",
     "PROBE_SESSION_ID",
     "PROBE_USER_ID",
+    "Diagnosis",
     "DriverDialing",
     "DriverState",
     "HealthState",
@@ -42,6 +45,7 @@ __all__ = [
     "Thresholds",
     "apply_probe",
     "ask_binding_port",
+    "diagnose",
     "probe",
 ]
 
@@ -143,6 +147,8 @@ _PROBE_CHANNEL_OPTIONS = [
 ]
 
 Probe = Callable[[str, float], Awaitable[bool]]
+Diagnosis = Callable[[str, float], Awaitable[str | None]]
+"""A probe that says why it failed: None when the driver answered, else the reason."""
 
 
 @functools.cache
@@ -183,6 +189,12 @@ async def ask_binding_port(
     "" when the driver answered without the conf. `up` compares the answer with the port it
     started the driver on: another answer means some other server holds the port.
     """
+    answer, _ = await _ask(address, timeout, dialing)
+    return answer
+
+
+async def _ask(address: str, timeout: float, dialing: DriverDialing) -> tuple[str | None, str]:
+    """(the binding port conf or None, why there is none: "" when answered)."""
     import grpc
 
     # A fresh channel per probe (with its own subchannel): a long-lived channel's reconnect
@@ -196,21 +208,48 @@ async def ask_binding_port(
         answer = _binding_port(raw)
         if answer is None:
             log.debug("probe of %s: answer is not for the probe session", address)
-        return answer
+            return None, "answered for another session (not a Spark Connect driver?)"
+        return answer, ""
     except grpc.RpcError as exc:
-        code = exc.code() if hasattr(exc, "code") else None
-        log.debug("probe of %s failed: %s", address, code)
-        return None
+        why = _rpc_error(exc)
+        log.debug("probe of %s failed: %s", address, why)
+        return None, why
     except asyncio.TimeoutError:
         log.debug("probe of %s: no answer within %ss", address, timeout)
-        return None
+        return None, f"no answer within {timeout:g}s"
     except Exception as exc:  # a probe reports; anything going wrong is a failed probe
         log.debug("probe of %s failed: %r", address, exc)
-        return None
+        return None, f"probe failed: {type(exc).__name__}"
     finally:
         await channel.close()
 
 
+# How much of a gRPC error's details a reason keeps: enough for "Connection refused".
+_MAX_REASON = 200
+
+
+def _rpc_error(exc: grpc.RpcError) -> str:
+    """A short reason from a failed probe call: its code and details (no metadata)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else None
+    name = getattr(code, "name", None) or "error"
+    if name == "DEADLINE_EXCEEDED":  # connecting or answering took the whole timeout
+        return "DEADLINE_EXCEEDED: no answer within the probe timeout (hung?)"
+    text = " ".join(str(details or "").split())
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 1] + "…"
+    return f"{name}: {text}" if text else name
+
+
+async def diagnose(address: str, timeout: float, dialing: DriverDialing = PLAINTEXT) -> str | None:
+    """One Spark Connect Config call to `address` within `timeout` s: None if it answered.
+
+    Else why not, in one short line (e.g. "UNAVAILABLE: failed to connect ... refused").
+    """
+    answer, why = await _ask(address, timeout, dialing)
+    return None if answer is not None else why
+
+
 async def probe(address: str, timeout: float, dialing: DriverDialing = PLAINTEXT) -> bool:
     """One Spark Connect Config call to `address` within `timeout` s; True if it answered."""
-    return await ask_binding_port(address, timeout, dialing) is not None
+    return await diagnose(address, timeout, dialing) is None

@@ -85,7 +85,7 @@ STREAM_BATCH_BYTES = 160_000  # 500 x 160 kB ≈ 80 MB: the shape of a 5M-row to
 Kind = Literal["direct", "router", "envoy", "scp", "passthrough"]
 
 ROUTER_ENV = {"SPARK_ROUTER_ADMIN_LISTEN": "off"}
-"""Every router the benchmark starts: no admin HTTP listener (its default binds 0.0.0.0:9464)."""
+"""Every router the benchmark starts: no admin HTTP listener (several would share its port)."""
 
 
 # --------------------------------------------------------------------------- what is measured

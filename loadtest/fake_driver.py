@@ -390,6 +390,86 @@ class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]
         return grpc.stream_stream_rpc_method_handler(echo)
 
 
+class _Malformed:
+    """A request message that does not parse."""
+
+
+_MALFORMED = _Malformed()
+# What grpc-java (Spark's server) answers for a request that does not parse.
+_UNPARSABLE = "Invalid protobuf byte sequence"
+
+
+def _tolerant(handler: Any) -> Any:
+    """`handler` answering an unparsable request INTERNAL, as Spark does, not UNKNOWN.
+
+    Python grpc reports a failing deserializer as UNKNOWN ("Unexpected DecodeError"), the
+    status a crash gets; tests that fuzz the router must tell the two apart.
+    """
+    parse = handler.request_deserializer
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return parse(raw)
+        except Exception:  # DecodeError, or anything a corrupt message makes protobuf raise
+            return _MALFORMED
+
+    async def checked(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async for request in requests:
+            if request is _MALFORMED:
+                await context.abort(grpc.StatusCode.INTERNAL, _UNPARSABLE)
+            yield request
+
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Context) -> Any:
+            if request is _MALFORMED:
+                await context.abort(grpc.StatusCode.INTERNAL, _UNPARSABLE)
+            return await inner_uu(request, context)
+
+        return handler._replace(request_deserializer=deserialize, unary_unary=unary_unary)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            if request is _MALFORMED:
+                await context.abort(grpc.StatusCode.INTERNAL, _UNPARSABLE)
+            async for response in inner_us(request, context):
+                yield response
+
+        return handler._replace(request_deserializer=deserialize, unary_stream=unary_stream)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], context: Context) -> Any:
+            return await inner_su(checked(requests, context), context)
+
+        return handler._replace(request_deserializer=deserialize, stream_unary=stream_unary)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        async for response in inner_ss(checked(requests, context), context):
+            yield response
+
+    return handler._replace(request_deserializer=deserialize, stream_stream=stream_stream)
+
+
+class _Tolerant:
+    """The server as the generated code sees it: its handlers made `_tolerant` on the way in."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the registered handlers below serve the same paths."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Register `handlers`, each tolerant of unparsable requests."""
+        self._server.add_registered_method_handlers(
+            service, {name: _tolerant(h) for name, h in handlers.items()}
+        )
+
+
 class FakeDriver:
     """An asyncio gRPC server that answers Spark Connect calls like a tiny, instant Spark."""
 
@@ -442,7 +522,7 @@ class FakeDriver:
         if self._server is not None:
             raise RuntimeError("fake driver already started")
         server = grpc.aio.server(options=_SERVER_OPTIONS)
-        base_pb2_grpc.add_SparkConnectServiceServicer_to_server(self, server)  # type: ignore[no-untyped-call]
+        base_pb2_grpc.add_SparkConnectServiceServicer_to_server(self, _Tolerant(server))  # type: ignore[no-untyped-call]
         server.add_generic_rpc_handlers((_UnknownMethods(self),))
         host = f"[{self.host}]" if ":" in self.host else self.host
         try:

@@ -48,6 +48,10 @@ _listen_option = click.option(
     "--listen", help="HOST:PORT to listen on [default: 0.0.0.0:15002, Spark Connect's port]."
 )
 _log_option = click.option("--log-level", help="debug, info, warning or error [default: info].")
+_ADMIN_LISTEN_HELP = (
+    "HOST:PORT of /metrics, /healthz, /readyz and the admin API, or off [default: "
+    "127.0.0.1:9464, this machine only; 0.0.0.0:9464 for probes and scrapes from elsewhere]."
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,11 +78,7 @@ def cli() -> None:
 )
 @click.option("--workers", type=int, help="processes sharing the port (SO_REUSEPORT) [default: 1].")
 @click.option("--max-message-bytes", type=int, help="largest message forwarded [default: 128 MiB].")
-@click.option(
-    "--admin-listen",
-    help="HOST:PORT of /metrics, /healthz, /readyz and the admin API, or off "
-    "[default: 0.0.0.0:9464].",
-)
+@click.option("--admin-listen", help=_ADMIN_LISTEN_HELP)
 @_config_option
 @_log_option
 def serve(
@@ -117,7 +117,12 @@ def serve(
 
 @cli.command()
 @click.option("--drivers", "local_drivers", type=int, help="local drivers to start [default: 2].")
-@_listen_option
+@click.option(
+    "--listen",
+    help="HOST:PORT to listen on [default: 127.0.0.1:15002, this machine only; "
+    "0.0.0.0:15002 shares it].",
+)
+@click.option("--admin-listen", help=_ADMIN_LISTEN_HELP)
 @click.option("--driver-memory", help="heap per driver, e.g. 1g or 2g [default: 1g].")
 @click.option("--java-home", help="Java 17+ installation [default: JAVA_HOME, else java on PATH].")
 @click.option(
@@ -128,6 +133,7 @@ def serve(
 def up(
     local_drivers: int | None,
     listen: str | None,
+    admin_listen: str | None,
     driver_memory: str | None,
     java_home: str | None,
     confs: tuple[str, ...],
@@ -141,17 +147,20 @@ def up(
         if not sep or not key:
             _fail(f"--conf {item!r} is not KEY=VALUE", EXIT_CONFIG)
         spark_conf[key] = value
-    settings = _settings(
-        config,
-        local_drivers=local_drivers,
-        listen=listen,
-        driver_memory=driver_memory,
-        java_home=java_home,
-        spark_conf=spark_conf or None,
-        log_level=log_level,
-    )
+    from router.local.up import UP_LISTEN, run_up
+
+    flags: dict[str, Any] = {
+        "local_drivers": local_drivers,
+        "admin_listen": admin_listen,
+        "driver_memory": driver_memory,
+        "java_home": java_home,
+        "spark_conf": spark_conf or None,
+        "log_level": log_level,
+    }
+    settings = _settings(config, listen=listen, **flags)
+    if "listen" not in settings.model_fields_set:  # no flag, env or file chose: this machine only
+        settings = _settings(config, listen=UP_LISTEN, **flags)
     configure_logging(settings.log_level, settings.log_format)
-    from router.local.up import run_up
 
     sys.exit(run_up(settings))
 

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     max_metadata_bytes: int = Field(
         16 * 1024, ge=8 * 1024, le=1024 * 1024, description="largest request metadata accepted"
     )
+    max_identifier_length: int = Field(
+        256,
+        ge=36,
+        le=64 * 1024,
+        description="longest user_id, x-spark-pool and operation id accepted (characters); "
+        "session ids are UUIDs",
+    )
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, le=3600, description="how long in-flight calls may finish on shutdown"
     )
@@ -138,9 +145,10 @@ class Settings(BaseSettings):
         "auto", description="json lines, plain text, or auto: text on a terminal, else json"
     )
     admin_listen: str = Field(
-        "0.0.0.0:9464",
+        "127.0.0.1:9464",
         description="HOST:PORT of the admin HTTP listener (/metrics, /healthz, /readyz, "
-        "the admin API); off turns it off",
+        "the admin API): loopback by default, 0.0.0.0:9464 for probes and scrapes from "
+        "elsewhere; off turns it off",
     )
     admin_token: SecretStr | None = Field(
         None, description="bearer token every admin API call must carry (unset: none)"
@@ -171,6 +179,37 @@ class Settings(BaseSettings):
         1024 * 1024,
         ge=0,
         description="per-session cap of replayable state; larger sessions move strictly",
+    )
+    no_driver_wait_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="how long a call finding no live driver in its pool waits for one that "
+        "went down in that time to come back, before it fails (FAILED_PRECONDITION)",
+    )
+    # Keepalive (router/server.py): pyspark 4.3 pings every 60 s, idle or not, and Spark
+    # accepts pings down to every 10 s; grpc's defaults (5 min, none while idle) would answer
+    # it with GOAWAY too_many_pings after three pings.
+    keepalive_time_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86400,
+        description="idle time after which the router pings a client connection (and a "
+        "driver connection, at most every 10 s) to check it is alive",
+    )
+    keepalive_timeout_seconds: float = Field(
+        20.0,
+        gt=0,
+        le=3600,
+        description="how long a keepalive ping may go unanswered before the connection is "
+        "closed as dead",
+    )
+    min_client_ping_interval_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="the most often a client may ping a connection, with or without calls "
+        "(pyspark: every 60 s); more often earns GOAWAY too_many_pings",
     )
 
     # --- TLS (the listener, and the way to drivers) ---

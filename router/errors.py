@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
@@ -30,9 +31,59 @@ class BadRequest(RouterError):
 
 
 class NoLiveDriver(RouterError):
-    """No driver is available to place a session on."""
+    """No driver of the session's pool takes sessions now; the message names them and why.
 
-    code = grpc.StatusCode.UNAVAILABLE
+    FAILED_PRECONDITION, not UNAVAILABLE: pyspark's DefaultPolicy (pyspark/sql/connect/
+    client/retries.py) retries every UNAVAILABLE, 15 times with backoff growing 4x to 60 s —
+    over ten minutes of a silent hang — and of the other codes only an INTERNAL
+    INVALID_CURSOR.DISCONNECTED or an error carrying RetryInfo. FAILED_PRECONDITION is gRPC's
+    "do not retry until the system's state is fixed", which is the case: a driver must come
+    back first. The router itself waits for that a bounded `no_driver_wait_seconds` (a
+    driver that just went down may recover) before it answers. RESOURCE_EXHAUSTED would not
+    be retried either but means a limit, ABORTED invites an immediate retry.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+    def __init__(
+        self, message: str, *, pool: str | None = None, drivers: Mapping[str, str] | None = None
+    ) -> None:
+        """`pool` and `drivers` (address → state), when known, let `explained` add reasons."""
+        super().__init__(message)
+        self.pool = pool
+        self.drivers: Mapping[str, str] = dict(drivers or {})
+
+    @classmethod
+    def in_pool(cls, pool: str, drivers: Mapping[str, str]) -> NoLiveDriver:
+        """No driver of `pool` takes new sessions; `drivers` is its members' states."""
+        return cls(describe_pool(pool, drivers, {}), pool=pool, drivers=drivers)
+
+    def explained(self, reasons: Mapping[str, str], lead: str = "") -> NoLiveDriver:
+        """The same error naming each driver's last probe error (`reasons` by address)."""
+        if self.pool is None:
+            return NoLiveDriver(f"{lead}{self}")
+        text = describe_pool(self.pool, self.drivers, reasons)
+        return NoLiveDriver(f"{lead}{text}", pool=self.pool, drivers=self.drivers)
+
+
+# At most this many drivers are named in one message (it travels in a trailer).
+_MAX_NAMED_DRIVERS = 10
+
+
+def describe_pool(pool: str, drivers: Mapping[str, str], reasons: Mapping[str, str]) -> str:
+    """'pool P has no driver that takes new sessions (A: down, last probe: WHY; ...)' (pure)."""
+    parts = []
+    for address in sorted(drivers)[:_MAX_NAMED_DRIVERS]:
+        why = reasons.get(address)
+        state = drivers[address]
+        parts.append(f"{address}: {state}, last probe: {why}" if why else f"{address}: {state}")
+    if len(drivers) > _MAX_NAMED_DRIVERS:
+        parts.append(f"and {len(drivers) - _MAX_NAMED_DRIVERS} more")
+    listed = "; ".join(parts) or "none"
+    return (
+        f"pool {pool!r} has no driver that takes new sessions (drivers: {listed}); "
+        "start or fix a driver, then retry"
+    )
 
 
 class UnknownPool(RouterError):

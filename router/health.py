@@ -26,6 +26,11 @@ Invariants:
   further failed probe asks again, so the cap lifts as soon as another member recovers.
   One warning per driver and hold; every refused ejection counts in
   `spark_router_ejections_capped_total{pool}`.
+- Each failed probe's reason is kept (`last_errors`, until the driver answers again), so a
+  call that finds no live driver can say why each one is not (errors.NoLiveDriver).
+- `await_recovery` is the one wait of the data plane for health: bounded by `wait` after
+  the latest of the drivers went down (by this replica's verdict), so a pool that has been
+  dead for longer fails its calls at once.
 """
 
 from __future__ import annotations
@@ -37,8 +42,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 
-from common.health import PLAINTEXT, DriverDialing, HealthState, Probe, apply_probe
-from common.health import probe as spark_connect_probe
+from common.health import (
+    PLAINTEXT,
+    Diagnosis,
+    DriverDialing,
+    HealthState,
+    Probe,
+    apply_probe,
+    diagnose,
+)
 from registry.models import Driver, DriverState
 from router.config import Settings
 from router.telemetry import Telemetry
@@ -105,8 +117,9 @@ class Health:
     connection confirmed twice is not noise). `on_change` is told of every state change.
     `members()` is the membership as announced (before this replica's verdicts): whom
     `run` probes, and the pools the ejection cap counts in. Without a `probe`, drivers are
-    probed with common/health.py's Spark Connect probe, dialed as `dialing` says (TLS, the
-    backend token), the way the replica's calls reach them.
+    probed with common/health.py's Spark Connect probe (`diagnose`: it says why it failed),
+    dialed as `dialing` says (TLS, the backend token), the way the replica's calls reach
+    them; a given `probe` (True/False) fails with the reason "probe failed".
     """
 
     def __init__(
@@ -124,8 +137,8 @@ class Health:
         self._settings = settings
         self._on_change = on_change
         self._telemetry = telemetry
-        self._probe: Probe = (
-            functools.partial(spark_connect_probe, dialing=dialing) if probe is None else probe
+        self._probe: Diagnosis = (
+            functools.partial(diagnose, dialing=dialing) if probe is None else _diagnosis(probe)
         )
         self._members = members
         self._clock = clock
@@ -133,6 +146,8 @@ class Health:
         self._states: dict[str, HealthState] = {}
         self._down_since: dict[str, float] = {}
         self._held: set[str] = set()  # held up by the cap, warned about once
+        self._errors: dict[str, str] = {}  # last failed probe's reason, until one answers
+        self._changed = asyncio.Event()  # set (and replaced) on every state change
 
     def is_down(self, address: str) -> bool:
         """Whether probes have marked the driver down."""
@@ -149,8 +164,17 @@ class Health:
         """Drivers whose probes fail but that the ejection cap keeps live."""
         return frozenset(self._held)
 
-    async def report(self, address: str, ok: bool) -> None:
-        """Apply one probe result."""
+    @property
+    def last_errors(self) -> Mapping[str, str]:
+        """Why each driver's last probe failed, for drivers whose last probe failed."""
+        return dict(self._errors)
+
+    async def report(self, address: str, ok: bool, error: str | None = None) -> None:
+        """Apply one probe result (`error`: why it failed)."""
+        if ok:
+            self._errors.pop(address, None)
+        else:
+            self._errors[address] = error or "probe failed"
         before = self._states.get(address, HealthState(DriverState.ACTIVE))
         after = apply_probe(before, ok, self._settings)
         ejecting = after.state is DriverState.DOWN and before.state is not DriverState.DOWN
@@ -165,6 +189,30 @@ class Health:
         if after.state is not before.state:
             self._log_change(address, after)
             await self._on_change(address, after.state is not DriverState.DOWN)
+            self._changed.set()  # after on_change: waiters see the new membership
+            self._changed = asyncio.Event()
+
+    async def await_recovery(self, addresses: Iterable[str], wait: float) -> bool:
+        """Wait until one of `addresses` is live again; False at once or after the bound.
+
+        The bound is `wait` seconds after the latest of them went down by this replica's
+        probes: only drivers that went down that recently are waited for. A driver never
+        seen down here (the registry says so, or it is draining) is not.
+        """
+        addresses = tuple(addresses)
+        since = [self._down_since[a] for a in addresses if a in self._down_since]
+        if not since:
+            return False
+        deadline = max(since) + wait
+        while (remaining := deadline - self._clock()) > 0:
+            changed = self._changed
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                return False
+            if any(not self.is_down(a) for a in addresses):
+                return True
+        return False
 
     def _may_eject(self, address: str) -> bool:
         """Ask the cap; say so (once per hold) and count it when it refuses."""
@@ -206,14 +254,15 @@ class Health:
         """After a call could not reach `address`: probe now; True if the driver is down."""
         if self.is_down(address):
             return True
-        if await self._probe(address, self._settings.probe_timeout_seconds):
+        error = await self._probe(address, self._settings.probe_timeout_seconds)
+        if error is None:
             await self.report(address, True)
             return False
         state = self._states.get(address, HealthState(DriverState.ACTIVE))
         self._states[address] = HealthState(
             state.state, good=0, bad=self._settings.fail_threshold - 1
         )
-        await self.report(address, False)
+        await self.report(address, False, error)
         return self.is_down(address)  # the ejection cap may have held it up
 
     async def run(self) -> None:
@@ -223,12 +272,22 @@ class Health:
             results = await asyncio.gather(
                 *(self._probe(a, self._settings.probe_timeout_seconds) for a in targets)
             )
-            for address, ok in zip(targets, results, strict=True):
-                await self.report(address, ok)
+            for address, error in zip(targets, results, strict=True):
+                await self.report(address, error is None, error)
             for gone in set(self._states) - set(targets):
                 del self._states[gone]
                 self._down_since.pop(gone, None)
+                self._errors.pop(gone, None)
                 self._held.discard(gone)
                 if self._telemetry is not None:
                     self._telemetry.forget_driver(gone)
             await self._sleep(self._settings.probe_interval_seconds)
+
+
+def _diagnosis(probe: Probe) -> Diagnosis:
+    """A True/False probe as one that gives a (generic) reason when it fails."""
+
+    async def diagnosed(address: str, timeout: float) -> str | None:
+        return None if await probe(address, timeout) else "probe failed"
+
+    return diagnosed

@@ -119,6 +119,7 @@ class Replica:
         self.admin: AdminListener | None = None
         self.admin_port = 0
         self.port = 0
+        self._started_proxy = False  # start() builds the proxy (and its journal recorder)
 
     @property
     def address(self) -> str:
@@ -138,16 +139,14 @@ class Replica:
         # pay it now, not on the event loop of a replica that already says it is ready.
         import pyspark.sql.connect.proto.base_pb2  # noqa: F401
 
-        reuse_port = 1 if self.settings.workers > 1 else 0
-        server = grpc.aio.server(
-            options=[*channel_options(self.settings), ("grpc.so_reuseport", reuse_port)]
-        )
+        server = grpc.aio.server(options=server_options(self.settings))
         await self.auth.start()  # token file read, JWKS fetched: before the first call
         self.proxy = Proxy(
             self.placement, self.upstreams, self.health, self.registry, self.settings, self.auth
         )
         # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
         # rest), so the health service's calls reach its own handlers.
+        self._started_proxy = True
         server.add_generic_rpc_handlers((self.proxy,))
         health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, server)
         try:
@@ -195,16 +194,30 @@ class Replica:
         return self.port
 
     def _warn_if_open(self) -> None:
-        """Say it when anyone who reaches the port may use every driver: no auth, not loopback."""
-        host, _ = self.settings.listen_host_port
-        if self.settings.auth_enabled or is_loopback(host):
-            return
-        log.warning(
-            "serving %s beyond loopback without authentication: anyone who reaches the port "
-            "can run code on every driver (set auth%s)",
-            self.address,
-            "" if self.settings.tls_enabled else ", and tls_cert_file/tls_key_file",
-        )
+        """Say it when anyone who reaches a port may use every driver: no auth, not loopback.
+
+        The gRPC port without `auth`; the admin API (drain, move) without `admin_token` or
+        `auth` (with auth on and no admin role configured, /api/ is closed, not open).
+        """
+        settings = self.settings
+        host, _ = settings.listen_host_port
+        if not settings.auth_enabled and not is_loopback(host):
+            log.warning(
+                "serving %s beyond loopback without authentication: anyone who reaches the "
+                "port can run code on every driver (set auth%s, or listen on 127.0.0.1)",
+                self.address,
+                "" if settings.tls_enabled else ", and tls_cert_file/tls_key_file",
+            )
+        admin = settings.admin_host_port
+        api_open = settings.admin_token is None and not settings.auth_enabled
+        if admin is not None and api_open and not is_loopback(admin[0]):
+            log.warning(
+                "admin API on %s:%d beyond loopback without admin_token: anyone who reaches "
+                "it can drain drivers and move sessions (set admin_token, or bind "
+                "admin_listen to 127.0.0.1)",
+                admin[0],
+                self.admin_port,
+            )
 
     async def refresh_membership(self) -> None:
         """Re-read the registry's drivers and swap in new rings if membership changed."""
@@ -291,6 +304,8 @@ class Replica:
             if self.placement.needs_flush or loop.time() >= next_flush:
                 await self.placement.flush()
                 next_flush = loop.time() + self.settings.pin_touch_interval_seconds
+            if self.proxy.recorder.needs_flush:  # journal entries of a registry outage
+                await self.proxy.recorder.flush()
 
     async def stop(self, grace: float | None = None) -> None:
         """Readiness off, stop accepting calls, let in-flight ones finish for `grace`, close."""
@@ -310,6 +325,8 @@ class Replica:
         self._tasks = []
         with contextlib.suppress(RegistryUnavailable):
             await self.placement.flush()  # hand outage pins and TTLs over before leaving
+            if self._started_proxy:
+                await self.proxy.recorder.flush()
         if self.admin is not None:
             # Last of the listeners, before what its API uses (registry, upstreams) closes.
             await self.admin.stop()
@@ -325,6 +342,33 @@ class Replica:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop(0)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments of the router's gRPC server: message sizes, port sharing, keepalive.
+
+    Keepalive both ways. Clients' pings are accepted while idle and down to
+    `min_client_ping_interval_seconds` (grpc's defaults count any ping on an idle
+    connection as a strike and answer the third with GOAWAY ENHANCE_YOUR_CALM
+    too_many_pings: pyspark's 60 s pings earned it after ~3 minutes). The server pings
+    connections idle for `keepalive_time_seconds` itself, calls or not, and closes one whose
+    ping goes unanswered for `keepalive_timeout_seconds`: a client that vanished without a
+    FIN/RST (a NAT mapping dropped, a host gone) does not hold its connection and streams.
+    """
+    min_ping_ms = int(settings.min_client_ping_interval_seconds * 1000)
+    return [
+        *channel_options(settings),
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        ("grpc.keepalive_permit_without_calls", 1),  # theirs accepted, ours sent, while idle
+        ("grpc.http2.min_ping_interval_without_data_ms", min_ping_ms),
+        ("grpc.http2.max_ping_strikes", 2),  # grpc's default, stated: 2 early pings forgiven
+        ("grpc.keepalive_time_ms", int(settings.keepalive_time_seconds * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        # What grpc 1.85 actually waits for a ping's ack (default 60 s, whatever the
+        # keepalive timeout says; measured in tests/integration/test_keepalive.py).
+        ("grpc.http2.ping_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
+    ]
 
 
 def is_loopback(host: str) -> bool:

@@ -128,7 +128,7 @@ class Telemetry:
         )
         self.sessions_placed = Counter(
             "spark_router_sessions_placed",
-            "new sessions placed, by pool and how (ring, registry pin, degraded ring)",
+            "new sessions placed, by pool and how (ring, registry pin, degraded ring, clone)",
             ["pool", "source"],
             registry=r,
         )

@@ -41,6 +41,32 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
     ]
 
 
+# Spark's server takes client pings no more often than every 10 s (its
+# spark.connect.grpc.keepAlive docs): pinging a driver faster would earn GOAWAY.
+SPARK_MIN_PING_INTERVAL_SECONDS = 10.0
+
+
+def driver_keepalive_options(settings: Settings) -> list[tuple[str, int]]:
+    """Keepalive of the channels to drivers: a driver connection that died silently is noticed.
+
+    Pings every `keepalive_time_seconds` (never more often than Spark accepts), with or
+    without calls, as pyspark itself pings a driver; a ping unanswered for
+    `keepalive_timeout_seconds` fails the connection, so calls on it end UNAVAILABLE (and
+    the proxy's passive check confirms the driver dead) instead of waiting for their deadline.
+    """
+    interval = max(settings.keepalive_time_seconds, SPARK_MIN_PING_INTERVAL_SECONDS)
+    return [
+        ("grpc.keepalive_time_ms", int(interval * 1000)),
+        ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout_seconds * 1000)),
+        (
+            "grpc.http2.ping_timeout_ms",
+            int(settings.keepalive_timeout_seconds * 1000),
+        ),  # see server.py
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
 class Upstreams:
     """The router's channels to its drivers, by address."""
 
@@ -53,6 +79,7 @@ class Upstreams:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 5_000),
+            *driver_keepalive_options(settings),
         ]
         self._channels: dict[str, grpc.aio.Channel] = {}
         # Multicallables per (driver, shape, path): built once, not on every call; a driver's

@@ -7,7 +7,7 @@ Tests that stop, freeze or restart Redis start their own `RedisServer` instead.
 
 Every replica a test starts, in this process or as a subprocess (which inherits the
 environment), puts its admin listener on a free loopback port unless the test says
-otherwise: the default 0.0.0.0:9464 would collide between replicas and with the machine.
+otherwise: the default 127.0.0.1:9464 would collide between replicas and with the machine.
 """
 
 from __future__ import annotations

@@ -115,6 +115,8 @@ class RegistryControl:
             return asyncio.run(run())
         except RegistryUnavailable as exc:
             raise ControlError(f"cannot reach the registry: {exc}") from exc
+        except operations.UnknownDriver as exc:  # the admin API's 404, the same words
+            raise ControlError(str(exc)) from None
 
     def drivers(self) -> list[dict[str, Any]]:
         """Every driver with state, drain mode and session count."""

@@ -1,14 +1,16 @@
 """The admin HTTP listener of a replica: /metrics, /healthz, /readyz and the admin API (JSON).
 
-Endpoints (`admin_listen`, default 0.0.0.0:9464; `off` turns the listener off):
+Endpoints (`admin_listen`, default 127.0.0.1:9464, this machine only: a container's probes
+and scrapes need 0.0.0.0:9464; `off` turns the listener off):
 - `GET /metrics`: Prometheus text; with `--workers N` it sums every worker (telemetry.py).
 - `GET /healthz`: 200 while the process runs (a liveness probe: restart me if it fails).
 - `GET /readyz`: 200 `{"ready": true}` when the replica has a driver that takes new sessions
   and a usable registry; else 503 `{"ready": false, "reasons": [...]}`. 503 from the moment
   shutdown begins, while in-flight calls still drain, so load balancers take the replica
   out before it stops accepting.
-- `/api/...`: drivers (with this replica's own health view), sessions, drain / undrain, move
-  a session; the records of operations.py, as `spark-router drivers | sessions | drain
+- `/api/...`: drivers (with this replica's own health view), sessions, drain / undrain (of a
+  known driver only: registered, static, marked or holding sessions; else 404), move a
+  session; the records of operations.py, as `spark-router drivers | sessions | drain
   --admin URL` (control.py) expects them.
 
 Invariants:
@@ -20,8 +22,10 @@ Invariants:
   whoever reaches the listener. Probes and /metrics stay open (kubelets and Prometheus
   carry no token). Tokens are never logged nor echoed.
 - Every `/api/` answer is JSON; errors are `{"error": "..."}` with a fitting status: 400 bad
-  input, 401 no or wrong token, 404 unknown session or endpoint, 409 a move the cluster
+  input, 401 no or wrong token, 404 unknown session, driver or endpoint, 409 a move the cluster
   cannot do as asked, 413 a body over 64 KiB, 503 registry unreachable or nowhere to move.
+  A request aiohttp cannot parse (a line or header over 8190 bytes: 431; else 400) gets a
+  JSON error too, on any path, logged at info without a traceback (_QuietHandler).
   Nothing here crashes the replica; an unexpected error is a 500 logged once.
 - The API writes only through the registry (drain marks, pins), so every replica sees the
   change; the replica answering also re-reads membership at once. With `--workers N`
@@ -31,6 +35,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -38,6 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
 from common.addresses import split_host_port
 from registry.base import Registry, RegistryUnavailable
@@ -61,6 +67,8 @@ _MAX_BODY_BYTES = 64 * 1024
 _DEFAULT_LIMIT = 1000
 # A readiness answer names this many drivers at most: enough to see why, never a huge body.
 _NAMED_DRIVERS = 10
+# Of a malformed request's parse error (it may quote the client's bytes), this much is kept.
+_QUOTED_CHARS = 200
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -150,6 +158,56 @@ async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, Any]
     return body
 
 
+class _QuietHandler(web.RequestHandler):
+    """aiohttp's connection handler, answering requests it cannot parse as the API answers.
+
+    A request line or header over aiohttp's limits (8190 bytes), too many headers or bytes
+    that are not HTTP fail in the parser, before any route or middleware: aiohttp would log
+    an ERROR with a traceback and answer text. That is the client's mistake, not ours: a
+    JSON error (431 for an oversized line or header, else 400), one info line, no traceback.
+    Anything else (a 500) keeps aiohttp's handling.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or not 400 <= status < 500:
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, LineTooLong):
+            status, text = 431, f"request line or a header is longer than {exc.args[1]} bytes"
+        else:
+            text = " ".join((exc.message or "bad request").split())[:_QUOTED_CHARS]
+        log.info("admin listener: refused a malformed request from %s: %s", request.remote, text)
+        if request.writer.output_size > 0:  # as aiohttp's: too late for an answer
+            raise ConnectionError("a response was sent already")
+        response = _error(status, f"malformed request: {text}")
+        response.force_close()
+        return response
+
+
+class _QuietServer(web.Server):
+    def __call__(self) -> web.RequestHandler:
+        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections are handled by _QuietHandler (aiohttp has no option)."""
+
+    async def _make_server(self) -> web.Server:
+        made = await super()._make_server()  # the app's start-up and freeze
+        return _QuietServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **self._kwargs,
+        )
+
+
 class AdminListener:
     """The HTTP listener of one replica; `start` binds it, `stop` closes it."""
 
@@ -185,7 +243,7 @@ class AdminListener:
         assert hp is not None, "admin_listen is off"
         host, port = hp
         # One access line per request would drown the log in probes and scrapes.
-        runner = web.AppRunner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS)
+        runner = _Runner(self.app(), access_log=None, shutdown_timeout=_SHUTDOWN_SECONDS)
         await runner.setup()
         # Workers share the port like the gRPC one; a lone replica keeps the usual semantics.
         reuse_port = True if self._replica.settings.workers > 1 else None
@@ -354,9 +412,13 @@ class AdminListener:
         return _json(await self._set_drain(address, None))
 
     async def _set_drain(self, address: str, mode: DrainMode | None) -> dict[str, Any]:
-        result = await operations.set_drain(self._replica.registry, address, mode)
+        r = self._replica
+        try:
+            result = await operations.set_drain(r.registry, address, mode, r.static_drivers)
+        except operations.UnknownDriver as exc:
+            raise ApiError(404, str(exc)) from None
         # Other replicas follow the registry's event; this one need not wait for it.
-        await self._replica.refresh_membership()
+        await r.refresh_membership()
         log.info(
             "admin API: driver %s %s",
             address,

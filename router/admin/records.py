@@ -16,6 +16,8 @@ from registry.models import DrainMode, Pin, session_key
 
 # An operator's listing, not the hot path: enough for any real driver, still bounded.
 MAX_LISTED = 100_000
+# An error names this many drivers at most: enough to spot the typo, never a huge message.
+_NAMED_DRIVERS = 10
 
 
 def pin_record(pin: Pin) -> dict[str, Any]:
@@ -101,8 +103,37 @@ async def session_record(
     return None if pin is None else pin_record(pin)
 
 
-async def set_drain(registry: Registry, address: str, mode: DrainMode | None) -> dict[str, Any]:
-    """Mark a driver draining in `mode`, or take the mark off (None); the resulting state."""
+class UnknownDriver(LookupError):
+    """A drain or undrain of an address no one knows as a driver; str() names those that are."""
+
+
+async def set_drain(
+    registry: Registry, address: str, mode: DrainMode | None, static: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Mark a driver draining in `mode`, or take the mark off (None); the resulting state.
+
+    Only a known driver: registered, one of `static` (a replica's own), already marked (so
+    the mark of a driver since gone can still be taken off) or holding pinned sessions (a
+    static driver seen from the registry alone). Anything else is a typo that would stay
+    listed as a phantom driver: UnknownDriver, before anything is written.
+    """
+    registered = {d.address for d in await registry.drivers()}
+    marks = await registry.draining()
+    known = address in registered or address in static or address in marks
+    if not known and not await registry.sessions(address, limit=1):
+        raise UnknownDriver(_unknown(address, registered | set(static) | set(marks)))
     await registry.set_draining(address, mode is not None, mode or DrainMode.KEEP)
     remaining = await registry.sessions(address, limit=MAX_LISTED)
     return {"address": address, "drain": mode.value if mode else None, "sessions": len(remaining)}
+
+
+def _unknown(address: str, drivers: set[str]) -> str:
+    """The message of UnknownDriver: which drivers there are (a bounded list)."""
+    named = sorted(drivers)
+    shown = named[:_NAMED_DRIVERS] + (
+        [f"{len(named) - _NAMED_DRIVERS} more"] if len(named) > _NAMED_DRIVERS else []
+    )
+    return (
+        f"no driver {address} is registered, configured or marked draining "
+        f"(drivers: {', '.join(shown) or 'none'})"
+    )

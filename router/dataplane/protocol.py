@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -33,8 +34,22 @@ SESSION_ID_FIELD = 1
 USER_CONTEXT_FIELD = 2
 USER_ID_FIELD = 1  # inside UserContext
 
-# Session ids are UUIDs in Spark; anything much longer is garbage or abuse.
-MAX_SESSION_ID_LENGTH = 256
+# Spark accepts only UUIDs as session ids (INVALID_HANDLE.FORMAT otherwise): so does the router,
+# in the canonical 8-4-4-4-12 form every client sends, before it pins anything.
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z")
+
+# The longest user_id, pool and operation id kept (`max_identifier_length` sets it).
+MAX_IDENTIFIER_LENGTH = 256
+
+# Client input quoted in an error message is cut to this many characters.
+QUOTED_CHARS = 80
+
+
+def clip(value: str) -> str:
+    """Client input as an error message may quote it: repr'd, at most QUOTED_CHARS shown."""
+    if len(value) <= QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_CHARS]!r}… ({len(value)} characters)"
 
 
 class Shape(enum.Enum):
@@ -103,6 +118,9 @@ JOURNALED = frozenset({"Config", "ExecutePlan"})
 
 # ReleaseExecuteRequest.release_until (a cumulative release, as opposed to release_all).
 RELEASE_UNTIL_FIELD = 6
+
+# CloneSessionResponse.new_session_id: the clone, created on the source's driver.
+CLONE_NEW_SESSION_FIELD = 3
 
 # ExecutePlanResponse.result_complete: the last message of a successful execution.
 RESULT_COMPLETE_FIELD = 14
@@ -183,9 +201,19 @@ def _header_text(value: str | bytes | None, key: str) -> str | None:
     return value
 
 
-def identify(method: Method, metadata: Mapping[str, str | bytes], first: bytes) -> RequestInfo:
-    """Read the session, user and pool of a call; raise BadRequest when it cannot be routed."""
-    return identify_call(method, metadata.get(SESSION_HEADER), metadata.get(POOL_HEADER), first)
+def identify(
+    method: Method,
+    metadata: Mapping[str, str | bytes],
+    first: bytes,
+    max_length: int = MAX_IDENTIFIER_LENGTH,
+) -> RequestInfo:
+    """Read the session, user and pool of a call; raise BadRequest when it cannot be routed.
+
+    `max_length` bounds the user_id, pool and operation id (characters).
+    """
+    return identify_call(
+        method, metadata.get(SESSION_HEADER), metadata.get(POOL_HEADER), first, max_length
+    )
 
 
 def identify_call(
@@ -193,6 +221,7 @@ def identify_call(
     session_header: str | bytes | None,
     pool_header: str | bytes | None,
     first: bytes,
+    max_length: int = MAX_IDENTIFIER_LENGTH,
 ) -> RequestInfo:
     """`identify` from the two headers it reads, and one walk over the first request."""
     header = _header_text(session_header, SESSION_HEADER)
@@ -230,8 +259,8 @@ def identify_call(
         ) from exc
     if header and body_text and header != body_text:
         raise BadRequest(
-            f"{method.name}: header {SESSION_HEADER}={header!r} and request "
-            f"session_id={body_text!r} name different sessions; send the same id in both, "
+            f"{method.name}: header {SESSION_HEADER}={clip(header)} and request "
+            f"session_id={clip(body_text)} name different sessions; send the same id in both, "
             "or drop the header"
         )
     session_id = header or body_text
@@ -240,19 +269,24 @@ def identify_call(
             f"{method.name}: no session id; set the request's session_id (field 1) or the "
             f"{SESSION_HEADER} metadata, e.g. sc://host:15002/;{SESSION_HEADER}=<uuid>"
         )
-    if len(session_id) > MAX_SESSION_ID_LENGTH:
+    if _UUID.match(session_id) is None:  # also keeps "/" out of the registry key
         raise BadRequest(
-            f"{method.name}: session id is {len(session_id)} characters long; "
-            f"at most {MAX_SESSION_ID_LENGTH} are accepted (Spark uses UUIDs)"
+            f"{method.name}: session id {clip(session_id)} is not a UUID; Spark accepts only "
+            "UUIDs (e.g. str(uuid.uuid4()))"
         )
-    if "/" in session_id:  # the registry key is user/session: an id holds no "/"
-        raise BadRequest(f"{method.name}: session id {session_id!r} contains '/'; use a UUID")
+    pool = _header_text(pool_header, POOL_HEADER)
+    for what, value in (("user_id", user_id), (POOL_HEADER, pool), ("operation_id", operation_id)):
+        if value is not None and len(value) > max_length:
+            raise BadRequest(
+                f"{method.name}: {what} is {len(value)} characters long; at most {max_length} "
+                "are accepted (max_identifier_length)"
+            )
     return RequestInfo(
         method,
         session_id,
         user_id,
         session_key(user_id, session_id),
-        _header_text(pool_header, POOL_HEADER),
+        pool,
         operation_id,
         observed_id,
         tuple(spans),
@@ -301,6 +335,15 @@ def for_client(method: Method, alias: str | None, response: bytes) -> bytes:
     if alias is None or not method.response_server_side_field:
         return response
     return wire.replace_string(response, method.response_server_side_field, alias)
+
+
+def clone_of(response: bytes) -> str | None:
+    """The new session id a CloneSession answer names, if it is one the router can pin."""
+    try:
+        new_id = wire.read_string(response, CLONE_NEW_SESSION_FIELD)
+    except wire.WireError:
+        return None
+    return new_id if new_id and _UUID.match(new_id) else None
 
 
 def completes(response: bytes) -> bool:

@@ -84,8 +84,22 @@ def forwardable(metadata: Metadata | None) -> list[tuple[str, str | bytes]]:
     ]
 
 
-def _as_dict(metadata: Metadata | None) -> dict[str, str | bytes]:
-    return dict(metadata) if metadata else {}
+def _as_dict(
+    metadata: Metadata | None, single: frozenset[str] = frozenset()
+) -> dict[str, str | bytes]:
+    """The metadata as a dict; BadRequest when a key of `single` comes twice, differently."""
+    if not metadata:
+        return {}
+    found = dict(metadata)
+    if len(found) != len(metadata):  # a key repeated: rare, so checked only then
+        for key in single & found.keys():
+            values = {v for k, v in metadata if k == key}
+            if len(values) > 1:
+                raise BadRequest(
+                    f"metadata {key!r} was sent {len(values)} times with different values; "
+                    "send it once"
+                )
+    return found
 
 
 class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
@@ -113,6 +127,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             strip.add("authorization")
         self._strip = frozenset(strip)
         self._to_drivers = tuple(upstreams.auth_metadata)  # the driver token, if any
+        # Headers that name who or what a call is about: one value each, never "last wins".
+        self._single = frozenset(
+            {
+                protocol.SESSION_HEADER,
+                protocol.POOL_HEADER,
+                "authorization",
+                settings.trusted_user_header,
+                settings.trusted_groups_header,
+            }
+        )
+        self._max_identifier = settings.max_identifier_length
         self._upstreams = upstreams
         self._health = health
         self._registry = registry
@@ -120,10 +145,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self._telemetry = placement.telemetry
         self.open_streams: dict[str, int] = {}  # session key -> its response streams open here
         self._mover = Mover(placement, registry, upstreams, settings.migration, self._telemetry)
-        self._releases = Releases(upstreams, self._telemetry, placement.release)
-        self._recorder = Recorder(
+        self.recorder = Recorder(
             registry, settings.journal_max_bytes, self._telemetry, placement.note_registry_error
         )
+        self._releases = Releases(upstreams, self._telemetry, self._release)
         self._handlers: dict[str, grpc.RpcMethodHandler] = {
             m.path: self._make_handler(m) for m in protocol.METHODS.values()
         }
@@ -201,9 +226,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             alias = pin.server_side_id
             await _relay_metadata(context, call)
             if method.name in protocol.JOURNALED:
-                await self._recorder.record(info.key, method, _as_user(info, request))
+                await self.recorder.record(info.key, method, _as_user(info, request))
             elif method.name == "ReleaseSession":
-                await placement.release(info.key)
+                await self._release(info.key)
+            elif method.name == "CloneSession":
+                await self._cloned(info, pin, response)
             return response if alias is None else protocol.for_client(method, alias, response)
 
     async def _unary_stream(
@@ -233,7 +260,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         pin = await self._failed_over(
                             exc, attempt, pin, method, request, info, md, context, obs
                         )
-                entry = self._recorder.entry(method, _as_user(info, request))
+                entry = self.recorder.entry(method, _as_user(info, request))
                 journal = None if entry is None else (key, entry)
                 async for message in self._relay_stream(
                     context, call, pin, method, obs, response, journal
@@ -261,7 +288,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             first = await self._first_request(method, requests, context)
             info, md, pin = await self._routed(method, raw_md, first, context, obs)
             outgoing = self._outgoing_stream(method, pin, info, first, requests, obs)
-            tape = self._recorder.tape(method)
+            tape = self.recorder.tape(method)
             call = self._upstreams.call(pin.driver, "stream_unary", method.path)(
                 tape.record(outgoing) if tape else outgoing,
                 metadata=obs.forwarding(pin.driver, pin.pool, md),
@@ -274,7 +301,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             await _relay_metadata(context, call)
             obs.first_response()
             if tape is not None:
-                await self._recorder.record_tape(info.key, method, tape)
+                await self.recorder.record_tape(info.key, method, tape)
             return protocol.for_client(method, pin.server_side_id, response)
 
     async def _stream_stream(
@@ -368,26 +395,38 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
     ) -> Pin:
-        """The session's pin, moving it (sessions/migration.py) if its driver is dead."""
-        try:
-            pin = await self._placement.place(
-                info.session_id, info.pool, info.user or None, claim=self._auth is not None
-            )
-            if self._placement.is_live(pin.driver):
-                if pin.driver in self._placement.move_idle:
-                    return await self._move_idle(method, info, md, pin, obs)
-                return pin
-            if method.name in protocol.NOTHING_TO_MOVE:
-                return pin  # answered for the dead driver (releases.py): nothing to rebuild
+        """The session's pin, moving it (sessions/migration.py) if its driver is dead.
+
+        With no live driver in the pool, the call waits (once, at most
+        `no_driver_wait_seconds` after a driver of the pool went down) for one to recover,
+        then fails FAILED_PRECONDITION naming the pool, its drivers and their probe errors.
+        """
+        waited = False
+        while True:
+            lead = ""
             try:
+                pin = await self._placement.place(
+                    info.session_id, info.pool, info.user or None, claim=self._auth is not None
+                )
+                if self._placement.is_live(pin.driver):
+                    if pin.driver in self._placement.move_idle:
+                        return await self._move_idle(method, info, md, pin, obs)
+                    return pin
+                if method.name in protocol.NOTHING_TO_MOVE:
+                    return pin  # answered for the dead driver (releases.py): nothing to rebuild
+                lead = f"driver {pin.driver} is down and "
                 pin, obs.moved = await self._mover.move(
                     pin, Reason.DRIVER_DOWN, observed=info.observed_id, metadata=md
                 )
+                return pin
             except NoLiveDriver as exc:
-                raise NoLiveDriver(f"driver {pin.driver} is down and {exc}") from exc
-            return pin
-        except Exception as exc:
-            await _abort(context, exc)
+                wait = self._settings.no_driver_wait_seconds
+                if not waited and await self._health.await_recovery(exc.drivers, wait):
+                    waited = True
+                    continue
+                await _abort(context, exc.explained(self._health.last_errors, lead))
+            except Exception as exc:
+                await _abort(context, exc)
 
     async def _move_idle(
         self,
@@ -421,6 +460,27 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             return pin  # nowhere to go: the drained driver keeps it
         return new
 
+    async def _release(self, key: str) -> None:
+        """Forget a released session: its pin and journal, and journal entries still waiting."""
+        self.recorder.forget(key)
+        await self._placement.release(key)
+
+    async def _cloned(self, info: RequestInfo, pin: Pin, response: bytes) -> None:
+        """Pin a clone where its source lives, its journal a copy of the source's.
+
+        Spark made the clone on the source's driver: its calls must go there too (the ring
+        could send them anywhere), and a move of the clone must rebuild its own state.
+        """
+        clone_id = protocol.clone_of(response)
+        if clone_id is None:
+            return
+        try:
+            clone = await self._placement.pin_clone(pin, clone_id, claim=self._auth is not None)
+        except PermissionDenied:
+            log.warning("clone %s of session %s: its id belongs to another user", clone_id, pin)
+            return
+        await self.recorder.copy(pin.key, clone.key, clone_id)
+
     async def move_session(self, key: str, target: str | None = None) -> Pin:
         """Move a session (by key) now, for the admin API, as sessions/migration.py moves any.
 
@@ -451,9 +511,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         authenticator's, which answers a known credential from memory); anything else goes
         down the slow path (`_placed`): place, claim, follow or move.
         """
-        metadata = _as_dict(raw_md)
         try:
-            info = protocol.identify(method, metadata, first)
+            metadata = _as_dict(raw_md, self._single)
+            info = protocol.identify(method, metadata, first, self._max_identifier)
             if self._auth is not None:
                 credentials = Credentials(metadata, context.peer(), context.auth_context)
                 info = self._as_caller(info, await self._auth.authenticate(credentials))
@@ -527,7 +587,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             while response is not grpc.aio.EOF:
                 obs.bytes_to_client += len(response)
                 if journal is not None and protocol.completes(response):
-                    await self._recorder.append(*journal)
+                    await self.recorder.append(*journal)
                     journal = None
                 yield response if alias is None else protocol.for_client(method, alias, response)
                 response = await call.read()
@@ -541,7 +601,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             if not call.done():
                 call.cancel()
         if journal is not None:  # a stream that ended without a result_complete message
-            await self._recorder.append(*journal)
+            await self.recorder.append(*journal)
 
     async def _relay_error(
         self, context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError, pin: Pin

@@ -10,7 +10,12 @@ Invariants:
   pyspark may end the call right then, which would cancel anything done after it.
 - AddArtifacts client streams are kept (`Tape`) up to `journal_max_bytes`; over it, an entry
   just over the cap marks the journal overflowed, which is sticky: the session moves strictly.
-- A registry outage loses the entry (said in metrics as a registry error), never the call.
+- A registry outage loses neither the call nor the entry: entries that could not be written
+  wait here, in order, and `flush` (the replica's periodic work) writes them back once the
+  registry answers, as Placement does for pins. While a session has entries waiting, its
+  later ones queue behind them, so order holds. What waits is bounded (`PENDING_MAX_BYTES`
+  in all): a session whose entries do not fit is marked overflowed when written back (it
+  moves strictly), never replayed with a gap.
 """
 
 from __future__ import annotations
@@ -19,12 +24,17 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from registry.base import Registry, RegistryUnavailable
-from router.dataplane import protocol
+from router.dataplane import protocol, wire
 from router.dataplane.protocol import Method
 from router.sessions import journal
 from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# The most bytes of journal entries kept for write-back during a registry outage, in all.
+PENDING_MAX_BYTES = 64 * 1024 * 1024
+
+_OVERFLOWED = b""  # in a waiting list: the session's journal is to be marked overflowed
 
 
 class Recorder:
@@ -41,6 +51,8 @@ class Recorder:
         self.max_bytes = max_bytes
         self._telemetry = telemetry
         self._on_registry_error = on_registry_error
+        self._pending: dict[str, list[bytes]] = {}  # key -> entries waiting for the registry
+        self._pending_bytes = 0
 
     @staticmethod
     def entry(method: Method, request: bytes) -> bytes | None:
@@ -68,13 +80,76 @@ class Recorder:
             entry = journal.JournalEntry(method.name, journal.frame(tape.messages))
             await self.append(session_id, entry.encode())
 
+    async def copy(self, source: str, clone: str, clone_id: str) -> None:
+        """Start a clone's journal (key `clone`, id `clone_id`) as a copy of its source's."""
+        try:
+            entries = await self._registry.journal(source)
+        except RegistryUnavailable as exc:
+            self._on_registry_error(exc)
+            return
+        if entries is None:  # the source outgrew its journal: so does the clone
+            await self.append(clone, bytes(self.max_bytes + 1))
+            return
+        for raw in entries:
+            try:
+                entry = journal.for_session(raw, clone_id)
+            except (ValueError, wire.WireError):  # a damaged entry: the clone moves strictly
+                entry = bytes(self.max_bytes + 1)
+            await self.append(clone, entry)
+
     async def append(self, session_id: str, entry: bytes) -> None:
         """Add one entry to a session's journal; say so once when the session outgrows it."""
+        waiting = self._pending.get(session_id)
+        if waiting is not None:  # behind entries of the outage: keep the order
+            self._wait(session_id, entry)
+            return
         try:
             kept = await self._registry.journal_append(session_id, entry, self.max_bytes)
         except RegistryUnavailable as exc:
             self._on_registry_error(exc)
+            self._wait(session_id, entry)
             return
+        self._counted(session_id, entry, kept)
+
+    def _wait(self, key: str, entry: bytes) -> None:
+        """Keep an entry for write-back, or mark the session overflowed when over the bound."""
+        waiting = self._pending.setdefault(key, [])
+        if waiting and waiting[-1] is _OVERFLOWED:
+            return
+        if self._pending_bytes + len(entry) > PENDING_MAX_BYTES:
+            waiting.append(_OVERFLOWED)
+            return
+        waiting.append(entry)
+        self._pending_bytes += len(entry)
+
+    @property
+    def needs_flush(self) -> bool:
+        """Whether entries of an outage wait to be written back."""
+        return bool(self._pending)
+
+    async def flush(self) -> None:
+        """Write back the entries of an outage, in order; stop at the first failure."""
+        for key in list(self._pending):
+            waiting = self._pending[key]
+            while waiting:
+                entry = waiting[0]
+                raw = bytes(self.max_bytes + 1) if entry is _OVERFLOWED else entry
+                try:
+                    kept = await self._registry.journal_append(key, raw, self.max_bytes)
+                except RegistryUnavailable as exc:
+                    self._on_registry_error(exc)
+                    return
+                waiting.pop(0)
+                self._pending_bytes -= len(entry)
+                self._counted(key, raw, kept)
+            del self._pending[key]
+
+    def forget(self, key: str) -> None:
+        """Drop what waits for a session that was released."""
+        for entry in self._pending.pop(key, ()):
+            self._pending_bytes -= len(entry)
+
+    def _counted(self, session_id: str, entry: bytes, kept: bool) -> None:
         if kept:
             self._telemetry.journal_bytes.inc(len(entry))
         else:

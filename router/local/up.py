@@ -13,6 +13,10 @@ Invariants
   (driver_token if set, else a fresh random one) and the router runs with that driver_token,
   so a client dialing a driver's port directly is refused (UNAUTHENTICATED). The token is
   never printed.
+* This machine only by default: the router listens on `UP_LISTEN` (127.0.0.1:15002) unless a
+  flag, SPARK_ROUTER_LISTEN or the config file says otherwise, and the admin listener on
+  its loopback default too. `--listen 0.0.0.0:15002` shares the router; the replica warns
+  at start-up when that exposes it without authentication (server.py).
 """
 
 from __future__ import annotations
@@ -34,7 +38,10 @@ from router.local.java import LocalDriverError, check_java
 from router.server import Replica, StartupError, run_async, serve_until_signal
 from router.tls import TLSConfigError, driver_dialing, server_credentials
 
-__all__ = ["run_up"]
+__all__ = ["UP_LISTEN", "run_up"]
+
+# A laptop's router: whoever reaches it runs code on its drivers, so only this machine may.
+UP_LISTEN = "127.0.0.1:15002"
 
 
 def _check_port_free(listen: str) -> None:

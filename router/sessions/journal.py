@@ -519,3 +519,17 @@ def unframe(data: bytes) -> list[bytes]:
         out.append(data[pos : pos + size])
         pos += size
     return out
+
+
+def for_session(raw: bytes, session_id: str) -> bytes:
+    """An encoded entry of one session as another's (a clone's): its session_id replaced.
+
+    A clone starts with its source's state (Spark copies it on the driver), so its journal
+    starts as a copy of the source's; the entries must name the clone, or a replay would
+    rebuild the source. ValueError for a damaged entry.
+    """
+    entry = JournalEntry.decode(raw)
+    if entry.method == ARTIFACTS:
+        messages = [wire.replace_string(m, 1, session_id) for m in unframe(entry.request)]
+        return JournalEntry(entry.method, frame(messages)).encode()
+    return JournalEntry(entry.method, wire.replace_string(entry.request, 1, session_id)).encode()

@@ -39,7 +39,10 @@ def choose(session_id: str, pool: str, rings: Rings, avoid: str | None = None) -
         if pool not in rings.pools:
             known = ", ".join(sorted(rings.pools)) or "none"
             raise UnknownPool(f"pool {pool!r} has no drivers (pools: {known})")
-        raise NoLiveDriver(f"pool {pool!r} has no driver that takes new sessions")
+        members = {d.address: d.state.value for d in rings.drivers.values() if d.pool == pool}
+        if avoid in members and members[avoid] != "down":  # a live one being moved off
+            members[avoid] += " (the one being left)"
+        raise NoLiveDriver.in_pool(pool, members)
     return address
 
 
@@ -174,6 +177,27 @@ class Placement:
             self.telemetry.pins_pending.set(len(self._pending))
             source = "degraded"
         self.telemetry.sessions_placed.labels(pin.pool, source).inc()
+        self.cache.put(pin)
+        return pin
+
+    async def pin_clone(self, source: Pin, clone_id: str, *, claim: bool = False) -> Pin:
+        """Pin a clone of `source` to the source's driver (same owner and pool): the pin in force.
+
+        With `claim`, a clone id another user holds is PermissionDenied. During a registry
+        outage the pin is kept here and written back later, as a new session's would be.
+        """
+        pin = Pin(clone_id, source.driver, source.pool, owner=source.owner, created=time.time())
+        try:
+            owner = source.owner
+            if claim and owner and await self._registry.claim(clone_id, owner) != owner:
+                raise PermissionDenied(f"session {clone_id} belongs to another user")
+            pin = await self._registry.bind(pin)
+            self._registry_ok()
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)
+            self._pending[pin.key] = pin
+            self.telemetry.pins_pending.set(len(self._pending))
+        self.telemetry.sessions_placed.labels(pin.pool, "clone").inc()
         self.cache.put(pin)
         return pin
 

@@ -186,6 +186,72 @@ def test_another_users_release_of_the_session_id_leaves_the_session_whole(
         b.stop()
 
 
+def test_clones_keep_their_state_across_replicas_and_a_move(
+    drivers: LocalDrivers, redis_url: str
+) -> None:
+    """Ten cloneSession()s: each lives on its source's driver, seen through either replica,
+    moves with its own state when that driver dies, and stop() releases it there."""
+    from pyspark.errors.exceptions.connect import SparkConnectGrpcException
+
+    from registry import open_registry
+    from registry.models import session_key
+
+    a, b = (Router(drivers, SPARK_ROUTER_REGISTRY=redis_url) for _ in range(2))
+    spark = SparkSession.builder.remote(f"{a.url}/;user_id=alice").create()
+    clones: list[SparkSession] = []
+    others: list[SparkSession] = []
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "7")
+        spark.sql("CREATE OR REPLACE TEMP VIEW src AS SELECT id AS v FROM range(4)")
+        clones = [spark.cloneSession() for _ in range(10)]
+        for i, clone in enumerate(clones):
+            clone.conf.set("spark.sql.session.timeZone", f"Etc/GMT+{i}")
+        port = spark.conf.get(PORT_CONF)
+        for clone in clones:
+            other = SparkSession.builder.remote(
+                f"{b.url}/;user_id=alice;session_id={clone.session_id}"
+            ).create()
+            others.append(other)
+            assert other.conf.get(PORT_CONF) == port  # on the source's driver
+            assert other.conf.get("spark.sql.shuffle.partitions") == "7"
+            assert other.sql("SELECT sum(v) AS s FROM src").collect()[0].s == 6
+        victim = _victim_of(drivers, spark)
+        _kill(victim)
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+        for i, clone in enumerate(clones):
+            assert clone.conf.get(PORT_CONF) != str(victim.port)
+            assert clone.conf.get("spark.sql.session.timeZone") == f"Etc/GMT+{i}"
+            assert clone.conf.get("spark.sql.shuffle.partitions") == "7"
+            assert clone.sql("SELECT sum(v) AS s FROM src").collect()[0].s == 6
+        gone = clones.pop()
+        gone_id = gone.session_id
+        gone.stop()
+
+        async def pinned() -> bool:
+            registry = open_registry(redis_url)
+            try:
+                return await registry.get_pin(session_key("alice", gone_id)) is not None
+            finally:
+                await registry.close()
+
+        assert not asyncio.run(pinned())
+        # Released on its driver: Spark refuses a released session id for good.
+        again = SparkSession.builder.remote(f"{a.url}/;user_id=alice;session_id={gone_id}").create()
+        with pytest.raises(SparkConnectGrpcException, match="SESSION_CLOSED"):
+            again.sql("SELECT 1").collect()
+        again.release_session_on_close = False
+        again.stop()
+    finally:
+        for other in others:
+            other.release_session_on_close = False  # the same sessions as the clones
+            other.stop()
+        for clone in clones:
+            clone.stop()
+        spark.stop()
+        a.stop()
+        b.stop()
+
+
 def test_a_hung_driver_is_detected_and_the_session_moves(drivers: LocalDrivers) -> None:
     router = Router(drivers)  # probe budget: 3 failures x (0.5 s interval + 1 s timeout)
     spark = SparkSession.builder.remote(router.url).create()

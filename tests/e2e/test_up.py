@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -74,6 +75,24 @@ def test_up_refuses_a_taken_port_before_starting_drivers() -> None:
     assert proc.returncode == 3
     assert f"cannot listen on 127.0.0.1:{port}: in use" in err
     assert "Starting" not in err  # no JVM was started for nothing
+
+
+def test_up_listens_on_loopback_by_default() -> None:
+    import socket
+
+    # Hold the default port on loopback: `up` without --listen names the address it tried
+    # (a wildcard default would say 0.0.0.0), and fails before any JVM starts.
+    # If something else holds it already, `up` finds it in use just the same.
+    with socket.socket() as taken:
+        with contextlib.suppress(OSError):
+            taken.bind(("127.0.0.1", 15002))
+            taken.listen()
+        proc = spawn(["-m", "router.cli", "up"], capture_stderr=True)
+        _, err = proc.communicate(timeout=60)
+        close_pipes(proc)
+    assert proc.returncode == 3, err
+    assert "cannot listen on 127.0.0.1:15002: in use" in err
+    assert "Starting" not in err
 
 
 @pytest.mark.own_drivers

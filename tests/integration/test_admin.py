@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -364,6 +365,148 @@ async def test_bad_input_is_a_clear_json_error(
     assert got_status == status and message in got["error"], got
 
 
+async def test_draining_an_unknown_driver_is_404_and_leaves_no_phantom(
+    env: Env, redis_url: str
+) -> None:
+    known = sorted(d.address for d in env.drivers)
+    for method in ("POST", "DELETE"):
+        status, body = await env.api(method, "/api/drivers/127.0.0.1:1/drain", {"mode": "keep"})
+        assert status == 404, body
+        assert body["error"] == (
+            "no driver 127.0.0.1:1 is registered, configured or marked draining "
+            f"(drivers: {', '.join(known)})"
+        )
+    _, body = await env.api("GET", "/api/drivers")
+    assert sorted(d["address"] for d in body["drivers"]) == known  # no phantom entry
+    store = open_registry(redis_url)
+    try:
+        assert await store.draining() == {}  # nothing written either
+        # A marked driver that has since gone can still be undrained, then not drained again.
+        gone = env.drivers[0].address
+        assert (await env.api("POST", f"/api/drivers/{gone}/drain"))[0] == 200
+        await store.remove_driver(gone)
+        assert (await env.api("DELETE", f"/api/drivers/{gone}/drain"))[0] == 200
+        assert await store.draining() == {}
+        status, body = await env.api("POST", f"/api/drivers/{gone}/drain")
+        assert status == 404 and f"drivers: {env.drivers[1].address})" in body["error"]
+    finally:
+        await store.close()
+
+
+async def test_a_driver_known_by_its_sessions_or_as_static_can_be_drained(
+    env: Env, redis_url: str
+) -> None:
+    ports = {await _port_of(env.stub, str(uuid.uuid4())) for _ in range(12)}
+    assert ports == {d.port for d in env.drivers}
+    holder = env.drivers[0].address
+    store = open_registry(redis_url)
+    try:
+        await store.remove_driver(holder)  # deregistered, still holding pinned sessions
+        status, body = await env.api("POST", f"/api/drivers/{holder}/drain")
+        assert status == 200 and body["drain"] == "keep" and body["sessions"] > 0, body
+    finally:
+        await store.close()
+    async with _env("memory://", registered=False) as static:
+        address = static.drivers[1].address
+        status, body = await static.api("POST", f"/api/drivers/{address}/drain", token=None)
+        assert (status, body["drain"]) == (200, "keep")
+
+
+def test_cli_drain_through_the_registry_refuses_an_unknown_driver(redis_url: str) -> None:
+    async def prepare() -> None:
+        store = open_registry(redis_url)
+        try:
+            await store.upsert_driver(Driver("10.0.0.7:15002"), ttl=None)
+        finally:
+            await store.close()
+
+    asyncio.run(prepare())
+    code, _, err = _cli("drain", "10.0.0.8:15002", "--registry", redis_url, token=None)
+    assert code == 3, err
+    assert "no driver 10.0.0.8:15002 is registered" in err and "(drivers: 10.0.0.7:15002)" in err
+    assert "Traceback" not in err
+    code, out, err = _cli("drain", "10.0.0.7:15002", "--registry", redis_url, token=None)
+    assert code == 0 and "driver 10.0.0.7:15002 is draining" in out, err
+
+
+async def _raw_http(port: int, request: bytes) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of one raw HTTP/1.1 request the server answers and then closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)  # to EOF: the server closes
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert "content-type: application/json" in head.decode().lower(), head
+    return int(lines[0].split()[1]), json.loads(body)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "message"),
+    [
+        (
+            b"GET /api/drivers HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+            431,
+            "longer than 8190 bytes",
+        ),
+        (b"GET /healthz?" + b"q" * 100_000 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 431, "8190"),
+        (
+            b"GET /metrics HTTP/1.1\r\n"
+            + b"".join(b"X-%d: v\r\n" % i for i in range(300))
+            + b"\r\n",
+            400,
+            "Too many headers",
+        ),
+    ],
+    ids=["100KB header", "100KB URL", "300 headers"],
+)
+async def test_an_oversized_request_is_a_json_error_without_a_traceback(
+    env: Env, caplog: pytest.LogCaptureFixture, request_bytes: bytes, status: int, message: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    got_status, body = await _raw_http(env.replica.admin_port, request_bytes)
+    assert got_status == status and message in body["error"], body
+    assert len(body["error"]) < 300  # the client's bytes are not echoed back
+    noisy = [r for r in caplog.records if r.levelno > logging.INFO or r.exc_info]
+    assert not noisy, [r.getMessage() for r in noisy]
+    refused = [r for r in caplog.records if "refused a malformed request" in r.getMessage()]
+    assert len(refused) == 1 and refused[0].levelno == logging.INFO
+    assert (await env.api("GET", "/api/drivers"))[0] == 200  # and it keeps serving
+
+
+async def test_a_replica_warns_when_it_listens_beyond_loopback_without_auth(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    driver = FakeDriver()
+    await driver.start()
+
+    async def warnings(**settings: Any) -> list[str]:
+        caplog.clear()
+        values = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **settings}
+        async with Replica(load_settings(drivers=[driver.address], **values)):
+            pass
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    caplog.set_level(logging.WARNING, logger="router.server")
+    try:
+        assert await warnings() == []
+        wide = await warnings(listen="0.0.0.0:0", admin_listen="0.0.0.0:0")
+        assert len(wide) == 2, wide
+        assert "beyond loopback without authentication" in wide[0]
+        assert wide[1].startswith("admin API on 0.0.0.0:") and "can drain drivers" in wide[1]
+        assert "set admin_token" in wide[1]
+        # A token closes the admin API: only the gRPC port is open then.
+        only_grpc = await warnings(listen="0.0.0.0:0", admin_listen="0.0.0.0:0", admin_token=TOKEN)
+        assert len(only_grpc) == 1 and "without authentication" in only_grpc[0]
+        admin_only = await warnings(admin_listen="0.0.0.0:0")
+        assert len(admin_only) == 1 and admin_only[0].startswith("admin API on")
+    finally:
+        await driver.stop()
+
+
 # --- probes and gRPC health -------------------------------------------------------------
 
 
@@ -642,16 +785,16 @@ def test_every_worker_binds_the_admin_port(driver_procs: list[str]) -> None:
     assert code == 0, stderr_of(router)
 
 
-def test_up_refuses_a_taken_admin_port_before_starting_drivers() -> None:
+@pytest.mark.parametrize("given_by", ["flag", "env"])
+def test_up_refuses_a_taken_admin_port_before_starting_drivers(given_by: str) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = f"127.0.0.1:{taken.getsockname()[1]}"
-        proc = spawn(
-            ["-m", "router.cli", "up", "--listen", f"127.0.0.1:{free_port()}"],
-            env={"SPARK_ROUTER_ADMIN_LISTEN": busy},
-            capture_stderr=True,
-        )
+        args = ["-m", "router.cli", "up", "--listen", f"127.0.0.1:{free_port()}"]
+        flag = ["--admin-listen", busy] if given_by == "flag" else []
+        env = {"SPARK_ROUTER_ADMIN_LISTEN": busy if given_by == "env" else "127.0.0.1:0"}
+        proc = spawn([*args, *flag], env=env, capture_stderr=True)
         try:
             _, err = proc.communicate(timeout=60)
         finally:

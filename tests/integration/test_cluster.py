@@ -190,7 +190,8 @@ async def test_pools_route_by_header_and_explain_unknown_pools(
             )
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await _port_of(stub, str(uuid.uuid4()), pool="etl")
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # Not UNAVAILABLE, which pyspark retries for minutes (errors.NoLiveDriver).
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "pool 'etl' has no driver that takes new sessions" in (err.value.details() or "")
     finally:
         await admin.close()

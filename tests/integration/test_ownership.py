@@ -20,6 +20,7 @@ from registry.models import session_key
 from router.admit import tokens
 from router.config import Settings, load_settings
 from router.server import Replica
+from router.sessions import journal
 from tests.integration.test_cluster import Cluster
 
 Stub = base_pb2_grpc.SparkConnectServiceStub
@@ -182,3 +183,36 @@ async def test_the_driver_token_replaces_the_clients_authorization(
         )
         seen = [c for d in drivers for c in d.calls if c.session_id == s]
         assert seen and all(c.metadata["authorization"] == "Bearer driver-secret-1" for c in seen)
+
+
+async def test_clones_live_on_their_sources_driver_with_a_journal_of_their_own(
+    redis_url: str, drivers: list[FakeDriver]
+) -> None:
+    async with Cluster([Replica(_settings(redis_url, drivers)) for _ in range(2)]) as cluster:
+        a, b = cluster.stubs
+        s = str(uuid.uuid4())
+        await a.Config(_config(s, "alice", **{"spark.sql.shuffle.partitions": "7"}), timeout=10)
+        port = (await a.Config(_config(s, "alice"), timeout=10)).pairs[0].value
+        clones = []
+        for _ in range(10):
+            req = base_pb2.CloneSessionRequest(session_id=s)
+            req.user_context.user_id = "alice"
+            clones.append((await a.CloneSession(req, timeout=10)).new_session_id)
+        registry = cluster.replicas[1].registry
+        source_journal = await registry.journal(session_key("alice", s))
+        assert source_journal
+        for clone in clones:
+            # Through the other replica too: on the source's driver, whatever the ring says.
+            assert (await b.Config(_config(clone, "alice"), timeout=10)).pairs[0].value == port
+            pin = await registry.get_pin(session_key("alice", clone))
+            assert pin is not None and pin.owner == "alice" and pin.driver.endswith(f":{port}")
+            copied = await registry.journal(session_key("alice", clone))
+            assert copied is not None and len(copied) == len(source_journal)
+            for raw in copied:  # the clone's own entries: they name the clone
+                entry = journal.JournalEntry.decode(raw)
+                assert base_pb2.ConfigRequest.FromString(entry.request).session_id == clone
+        # A conf set on one clone is journaled for that clone alone.
+        await b.Config(_config(clones[0], "alice", **{"spark.sql.ansi.enabled": "false"}))
+        assert len(await registry.journal(session_key("alice", clones[0])) or []) == 2
+        assert len(await registry.journal(session_key("alice", clones[1])) or []) == 1
+        assert len(await registry.journal(session_key("alice", s)) or []) == 1

@@ -19,6 +19,10 @@ from router.server import Replica
 Stub = base_pb2_grpc.SparkConnectServiceStub
 
 
+_S1 = "0f0e0d0c-0b0a-4908-8706-050403020100"
+_S2 = "1f1e1d1c-1b1a-4918-8716-151413121110"
+
+
 def _user(uid: str = "alice") -> base_pb2.UserContext:
     return base_pb2.UserContext(user_id=uid)
 
@@ -194,6 +198,28 @@ async def test_method_outside_the_service_is_unimplemented(channel: grpc.aio.Cha
             "name different sessions",
         ),
         (b"\x0a\xff\x01", (), "not a valid Spark Connect message"),
+        (
+            base_pb2.ConfigRequest(session_id="../../etc/passwd").SerializeToString(),
+            (),
+            "not a UUID",
+        ),
+        (
+            base_pb2.ConfigRequest(
+                session_id=_S1, user_context=_user("u" * 300)
+            ).SerializeToString(),
+            (),
+            "user_id is 300 characters long",
+        ),
+        (
+            base_pb2.ConfigRequest(session_id=_S1).SerializeToString(),
+            (("x-spark-session-id", _S1), ("x-spark-session-id", _S2)),
+            "'x-spark-session-id' was sent 2 times with different values",
+        ),
+        (
+            base_pb2.ConfigRequest(session_id=_S1).SerializeToString(),
+            (("x-spark-pool", "a"), ("x-spark-pool", "b")),
+            "'x-spark-pool' was sent 2 times",
+        ),
     ],
 )
 async def test_bad_input_is_invalid_argument(
@@ -205,6 +231,13 @@ async def test_bad_input_is_invalid_argument(
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.value.details() or "")
+
+
+async def test_a_header_repeated_with_one_value_is_fine(stub: Stub) -> None:
+    req = base_pb2.ConfigRequest(session_id=_S1, user_context=_user())
+    req.operation.get.keys.append("spark.connect.grpc.binding.port")
+    md = (("x-spark-session-id", _S1), ("x-spark-session-id", _S1))
+    assert (await stub.Config(req, metadata=md, timeout=10)).pairs
 
 
 async def test_empty_client_stream_is_invalid_argument(channel: grpc.aio.Channel) -> None:
@@ -298,7 +331,7 @@ async def test_deadline_propagates(stub: Stub, drivers: list[FakeDriver]) -> Non
     await driver.wait_for(lambda: late.done and late.cancelled, timeout=10)
 
 
-async def test_unreachable_driver_is_unavailable_naming_it(drivers: list[FakeDriver]) -> None:
+async def test_unreachable_only_driver_fails_fast_naming_it(drivers: list[FakeDriver]) -> None:
     from router.config import load_settings
     from tests.helpers import free_port
 
@@ -312,8 +345,9 @@ async def test_unreachable_driver_is_unavailable_naming_it(drivers: list[FakeDri
         req.operation.get_all.SetInParent()
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await Stub(ch).Config(req, timeout=10)
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert f"driver {dead}" in (err.value.details() or "")
+        # Confirmed down, nowhere to move: not UNAVAILABLE, which pyspark retries for minutes.
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"driver {dead} is down" in (err.value.details() or "")
 
 
 async def test_100_mb_stream_passes(stub: Stub) -> None:

@@ -65,7 +65,7 @@ def test_slow_reader_does_not_grow_router_memory(fake_driver_proc: str) -> None:
             f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 128 * MiB)]
         ) as ch:
             stub = base_pb2_grpc.SparkConnectServiceStub(ch)
-            _binding_port(stub, "warm-up")  # channels and caches exist before measuring
+            _binding_port(stub, str(uuid.uuid4()))  # channels and caches exist before measuring
             baseline = rss().rss
             req = base_pb2.ExecutePlanRequest(
                 session_id=str(uuid.uuid4()), plan=base_pb2.Plan(root=relations_pb2.Relation())

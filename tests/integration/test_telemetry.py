@@ -296,9 +296,9 @@ def test_metrics_add_up_across_worker_processes() -> None:
 
         wait_until(serving, 30, "the workers to listen")
         calls = 20
-        for n in range(calls):  # a new connection each: SO_REUSEPORT spreads them
+        for _ in range(calls):  # a new connection each: SO_REUSEPORT spreads them
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                Stub(channel).Config(_config(f"w-{n}"), timeout=10)
+                Stub(channel).Config(_config(str(uuid.uuid4())), timeout=10)
 
         def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             url = f"http://127.0.0.1:{admin}/metrics"

@@ -89,13 +89,17 @@ def test_every_setting_is_documented_in_the_readme() -> None:
     assert set(Settings.model_fields) == {row[0] for row in settings_table()}
 
 
-def test_admin_listener_defaults_on_and_can_be_turned_off() -> None:
-    assert load_settings().admin_host_port == ("0.0.0.0", 9464)
+def test_admin_listener_defaults_on_loopback_and_can_be_turned_off() -> None:
+    # This machine only unless asked: the admin API can drain drivers and move sessions.
+    assert load_settings().admin_listen == "127.0.0.1:9464"
+    assert load_settings().admin_host_port == ("127.0.0.1", 9464)
+    shared = load_settings(admin_listen="0.0.0.0:9464")  # a container's probes and scrapes
+    assert shared.admin_host_port == ("0.0.0.0", 9464)
     assert load_settings(admin_listen="127.0.0.1:0").admin_host_port == ("127.0.0.1", 0)
     off = load_settings(admin_listen="OFF")
     assert off.admin_listen == "off" and off.admin_host_port is None
     # One listener per worker process, sharing the port like the gRPC one.
-    assert load_settings(workers=4).admin_host_port == ("0.0.0.0", 9464)
+    assert load_settings(workers=4).admin_host_port == ("127.0.0.1", 9464)
 
 
 def test_bad_admin_listen_fails_with_one_clear_line() -> None:

@@ -331,3 +331,36 @@ async def test_a_confirmed_passive_failure_obeys_the_cap() -> None:
         env.members[0] = Driver("d1:1", state=DOWN)
         assert await env.health.confirm_failure("d2:1") is True
         assert env.health.down == {"d1:1", "d2:1"}
+
+
+async def test_failed_probes_keep_their_reason_until_one_answers() -> None:
+    reasons = {"d1": "UNAVAILABLE: Connection refused"}
+    changes: list[tuple[str, bool]] = []
+    health = _health(changes, ScriptedProbe())
+    await health.report("d1", False, reasons["d1"])
+    await health.report("d2", False)  # a bare True/False probe: a generic reason
+    assert health.last_errors == {"d1": "UNAVAILABLE: Connection refused", "d2": "probe failed"}
+    await health.report("d1", True)
+    assert health.last_errors == {"d2": "probe failed"}
+
+
+async def test_await_recovery_waits_only_for_recently_downed_drivers() -> None:
+    now = [100.0]
+    changes: list[tuple[str, bool]] = []
+    settings = load_settings(fail_threshold=1, recover_threshold=1)
+
+    async def on_change(address: str, live: bool) -> None:
+        changes.append((address, live))
+
+    health = Health(settings, on_change, ScriptedProbe(), clock=lambda: now[0])
+    assert await health.await_recovery(["d1"], 5.0) is False  # never down here: no wait
+    await health.report("d1", False)
+    now[0] = 106.0  # down for longer than the wait: none
+    assert await health.await_recovery(["d1"], 5.0) is False
+
+    now[0] = 101.0  # down for 1 s of 5: wait, and see it come back
+    waiting = asyncio.ensure_future(health.await_recovery(["d1"], 5.0))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await health.report("d1", True)
+    assert await waiting is True and changes[-1] == ("d1", True)

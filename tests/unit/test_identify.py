@@ -6,6 +6,7 @@ random and truncated bytes give a RequestInfo or BadRequest, never another excep
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import pytest
@@ -17,8 +18,9 @@ from router.dataplane import protocol, wire
 from router.dataplane.protocol import METHODS
 from router.errors import BadRequest
 
-ids = st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s and "/" not in s)
+ids = st.text(min_size=1, max_size=40).filter(lambda s: "\x00" not in s)
 maybe = st.none() | ids
+sessions = st.uuids().map(str)  # Spark accepts only UUIDs, and so does identify
 
 
 def _request(
@@ -51,7 +53,7 @@ NAMES = ["ExecutePlan", "ReattachExecute", "ReleaseExecute", "Interrupt", "Confi
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(NAMES), ids, st.text(max_size=20), maybe, maybe, st.booleans())
+@given(st.sampled_from(NAMES), sessions, st.text(max_size=20), maybe, maybe, st.booleans())
 def test_every_field_in_one_pass(
     name: str, session: str, user: str, operation: str | None, observed: str | None, until: bool
 ) -> None:
@@ -81,7 +83,7 @@ def test_every_field_in_one_pass(
 
 
 def test_the_observed_field_repeated_is_cut_everywhere() -> None:
-    first = _request("Config", "s-1", "u", None, "old-1").SerializeToString()
+    first = _request("Config", str(uuid.uuid4()), "u", None, "old-1").SerializeToString()
     again = wire.encode_len_field(METHODS["Config"].observed_field or 0, b"old-2")
     raw = first + again
     info = protocol.identify(METHODS["Config"], {}, raw)
@@ -91,10 +93,11 @@ def test_the_observed_field_repeated_is_cut_everywhere() -> None:
 
 
 def test_the_header_names_the_session_and_the_pool() -> None:
-    raw = _request("ExecutePlan", "s-1", "alice", "op-1", "srv-1").SerializeToString()
-    md = {"x-spark-session-id": "s-1", "x-spark-pool": "etl"}
+    s1 = "0f0e0d0c-0b0a-4908-8706-050403020100"
+    raw = _request("ExecutePlan", s1, "alice", "op-1", "srv-1").SerializeToString()
+    md = {"x-spark-session-id": s1, "x-spark-pool": "etl"}
     info = protocol.identify(METHODS["ExecutePlan"], md, raw)
-    assert (info.session_id, info.pool, info.operation_id) == ("s-1", "etl", "op-1")
+    assert (info.session_id, info.pool, info.operation_id) == (s1, "etl", "op-1")
 
 
 @pytest.mark.parametrize(
@@ -124,7 +127,7 @@ def test_random_bytes_never_raise_anything_but_bad_request(name: str, raw: bytes
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(NAMES), ids, maybe, maybe, st.data())
+@given(st.sampled_from(NAMES), sessions, maybe, maybe, st.data())
 def test_truncated_requests_are_refused_or_read_consistently(
     name: str, session: str, operation: str | None, observed: str | None, data: st.DataObject
 ) -> None:

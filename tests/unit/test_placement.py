@@ -102,6 +102,21 @@ def test_choose_explains_unknown_and_empty_pools() -> None:
         choose("s", "etl", rings)
 
 
+def test_no_live_driver_names_the_pools_drivers_and_their_states() -> None:
+    rings = Rings.build(
+        [
+            Driver("127.0.0.1:1", pool="etl", state=DriverState.DOWN),
+            Driver("127.0.0.1:2", pool="etl", state=DriverState.DRAINING),
+            Driver("127.0.0.1:3", pool="bi"),
+        ]
+    )
+    with pytest.raises(NoLiveDriver) as err:
+        choose("s", "etl", rings)
+    assert err.value.pool == "etl"
+    assert err.value.drivers == {"127.0.0.1:1": "down", "127.0.0.1:2": "draining"}
+    assert "(drivers: 127.0.0.1:1: down; 127.0.0.1:2: draining)" in str(err.value)
+
+
 def test_pin_cache_is_bounded_lru() -> None:
     cache = PinCache(2)
     cache.put(Pin("a", "x"))

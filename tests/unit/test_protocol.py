@@ -53,6 +53,9 @@ def test_paths_outside_the_service_are_not_ours(path: str) -> None:
 CONFIG = protocol.METHODS["Config"]
 
 
+S1 = "0f0e0d0c-0b0a-4908-8706-050403020100"
+
+
 def _config(session: str = "", user: str = "") -> bytes:
     req = base_pb2.ConfigRequest(session_id=session)
     if user:
@@ -61,19 +64,25 @@ def _config(session: str = "", user: str = "") -> bytes:
 
 
 def test_session_and_user_from_the_body() -> None:
-    info = protocol.identify(CONFIG, {}, _config("s-1", "alice"))
-    assert (info.session_id, info.user_id, info.pool) == ("s-1", "alice", None)
+    info = protocol.identify(CONFIG, {}, _config("11111111-1111-4111-8111-111111111111", "alice"))
+    assert (info.session_id, info.user_id, info.pool) == (
+        "11111111-1111-4111-8111-111111111111",
+        "alice",
+        None,
+    )
 
 
 def test_header_wins_when_body_has_none() -> None:
-    info = protocol.identify(CONFIG, {"x-spark-session-id": "s-2"}, _config())
-    assert info.session_id == "s-2"
+    info = protocol.identify(
+        CONFIG, {"x-spark-session-id": "22222222-2222-4222-8222-222222222222"}, _config()
+    )
+    assert info.session_id == "22222222-2222-4222-8222-222222222222"
 
 
 def test_header_and_body_agreeing_is_fine() -> None:
-    md = {"x-spark-session-id": "s-3", "x-spark-pool": "etl"}
-    info = protocol.identify(CONFIG, md, _config("s-3"))
-    assert (info.session_id, info.pool) == ("s-3", "etl")
+    md = {"x-spark-session-id": "33333333-3333-4333-8333-333333333333", "x-spark-pool": "etl"}
+    info = protocol.identify(CONFIG, md, _config("33333333-3333-4333-8333-333333333333"))
+    assert (info.session_id, info.pool) == ("33333333-3333-4333-8333-333333333333", "etl")
 
 
 def test_header_and_body_disagreeing_is_rejected_with_a_fix() -> None:
@@ -96,6 +105,24 @@ def test_invalid_utf8_session_is_rejected() -> None:
         protocol.identify(CONFIG, {}, b"\x0a\x02\xff\xfe")
 
 
-def test_overlong_session_is_rejected() -> None:
-    with pytest.raises(BadRequest, match="at most 256"):
-        protocol.identify(CONFIG, {}, _config("x" * 300))
+def test_a_session_id_that_is_not_a_uuid_is_rejected_quoted_short() -> None:
+    for bad in ("x" * 300, "not-a-uuid", "../../etc/passwd", "a/b", S1.upper() + "0"):
+        with pytest.raises(BadRequest, match="is not a UUID; Spark accepts only UUIDs") as e:
+            protocol.identify(CONFIG, {}, _config(bad))
+        assert len(str(e.value)) < 250  # client input is quoted cut short
+    assert protocol.identify(CONFIG, {}, _config(S1.upper())).session_id == S1.upper()
+
+
+def test_overlong_user_pool_and_operation_are_rejected() -> None:
+    md = {"x-spark-pool": "p" * 257}
+    with pytest.raises(BadRequest, match="x-spark-pool is 257 characters long; at most 256"):
+        protocol.identify(CONFIG, md, _config(S1))
+    with pytest.raises(BadRequest, match="user_id is 2000 characters long; at most 1000"):
+        protocol.identify(CONFIG, {}, _config(S1, "u" * 2000), max_length=1000)
+    assert protocol.identify(CONFIG, {}, _config(S1, "u" * 1000), max_length=1000).user_id
+
+
+def test_disagreeing_header_and_body_are_quoted_cut_short() -> None:
+    with pytest.raises(BadRequest, match="name different sessions") as e:
+        protocol.identify(CONFIG, {"x-spark-session-id": "h" * 15_000}, _config(S1))
+    assert len(str(e.value)) < 400
