@@ -101,6 +101,14 @@ class Upstreams:
         """Metadata every call to a driver carries: the backend token's bearer header, or ()."""
         return self._dialing.metadata
 
+    async def ready(self, address: str, timeout: float) -> bool:
+        """Wait at most `timeout` s for the channel to a driver to connect; whether it did."""
+        try:
+            await asyncio.wait_for(self.channel(address).channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
     def call(self, address: str, shape: str, path: str) -> Any:
         """The multicallable of `path` with `shape` (unary_unary, ...) on a driver's channel."""
         key = (address, shape, path)

@@ -411,14 +411,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 if self._placement.is_live(pin.driver):
                     if pin.driver in self._placement.move_idle:
                         return await self._move_idle(method, info, md, pin, obs)
-                    return pin
+                    return await self._connected(pin, waited)
                 if method.name in protocol.NOTHING_TO_MOVE:
                     return pin  # answered for the dead driver (releases.py): nothing to rebuild
                 lead = f"driver {pin.driver} is down and "
                 pin, obs.moved = await self._mover.move(
                     pin, Reason.DRIVER_DOWN, observed=info.observed_id, metadata=md
                 )
-                return pin
+                return await self._connected(pin, waited)
             except NoLiveDriver as exc:
                 wait = self._settings.no_driver_wait_seconds
                 if not waited and await self._health.await_recovery(exc.drivers, wait):
@@ -427,6 +427,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 await _abort(context, exc.explained(self._health.last_errors, lead))
             except Exception as exc:
                 await _abort(context, exc)
+
+    async def _connected(self, pin: Pin, waited: bool) -> Pin:
+        """`pin`, once its driver's channel connects if the call waited for a recovery.
+
+        The probe that found the driver back used a channel of its own; the data plane's
+        may still be in reconnect backoff and would fail the call at once (fail-fast).
+        """
+        if waited:
+            await self._upstreams.ready(pin.driver, self._settings.no_driver_wait_seconds)
+        return pin
 
     async def _move_idle(
         self,
