@@ -94,6 +94,10 @@ class Pin:
     owner: str | None = field(default=None, compare=False)
     created: float | None = field(default=None, compare=False)  # unix time of the first call
     moves: int = field(default=0, compare=False)  # how often it moved to another driver
+    # The server-side session id the session's first driver gave its client, learned from
+    # a response (dataplane/proxy.py): the identity a move keeps when the client never
+    # sends its observed id. Not part of where calls go.
+    seen_id: str | None = field(default=None, compare=False)
 
     @property
     def key(self) -> str:

@@ -768,14 +768,17 @@ def _encode_pin(pin: Pin) -> str:
         pin.created,
         pin.moves,
     ]
-    if pin.move_token is not None:  # only moved pins carry one; older readers ignore it
+    # Only moved pins carry a token and only learned ones a seen id; older readers ignore both.
+    if pin.move_token is not None or pin.seen_id is not None:
         fields.append(pin.move_token)
+    if pin.seen_id is not None:
+        fields.append(pin.seen_id)
     return json.dumps(fields, separators=(",", ":"))
 
 
 def _decode_pin(key: str, value: str | bytes) -> Pin:
-    fields = [*json.loads(value), None, None, None, None, None][:7]  # older pins: 2 to 6
-    alias, owner, created, moves, token = fields[2:7]
+    fields = [*json.loads(value), None, None, None, None, None, None][:8]  # older pins: 2 to 7
+    alias, owner, created, moves, token, seen = fields[2:8]
     user, session_id = split_key(key)
     if user is not None:  # the key names the owner; a keyless (older) pin keeps its own
         owner = user
@@ -788,6 +791,7 @@ def _decode_pin(key: str, value: str | bytes) -> Pin:
         None if owner is None else str(owner),
         None if created is None else float(created),
         int(moves or 0),
+        None if seen is None else str(seen),
     )
 
 

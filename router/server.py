@@ -274,6 +274,8 @@ class Replica:
 
     async def _on_health_change(self, address: str, live: bool) -> None:
         await self._apply_membership()  # before any registry round trip: see _apply_membership
+        if not live:
+            self.upstreams.cut(address)  # its calls in flight would hang with a hung driver
         await self.refresh_membership()
 
     async def _watch_events(self) -> None:
@@ -304,6 +306,8 @@ class Replica:
             if self.placement.needs_flush or loop.time() >= next_flush:
                 await self.placement.flush()
                 next_flush = loop.time() + self.settings.pin_touch_interval_seconds
+            if self.placement.has_learned:  # server-side ids seen since the last tick
+                await self.placement.write_learned()
             if self.proxy.recorder.needs_flush:  # journal entries of a registry outage
                 await self.proxy.recorder.flush()
 
@@ -325,6 +329,7 @@ class Replica:
         self._tasks = []
         with contextlib.suppress(RegistryUnavailable):
             await self.placement.flush()  # hand outage pins and TTLs over before leaving
+            await self.placement.write_learned()
             if self._started_proxy:
                 await self.proxy.recorder.flush()
         if self.admin is not None:

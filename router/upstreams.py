@@ -123,13 +123,25 @@ class Upstreams:
 
     def discard(self, address: str) -> None:
         """Forget the channel to a driver that left; it closes once its in-flight calls end."""
+        self._retire(address, self._grace)
+
+    def cut(self, address: str) -> None:
+        """Cancel every call in flight to a driver marked down; later calls get a new channel.
+
+        A hung driver keeps its connections open: without this, its calls would wait for
+        their own deadlines (often none) or the keepalive's verdict, minutes later. Cut, the
+        data plane answers them as from an unreachable driver, and clients retry at once.
+        """
+        self._retire(address, None)
+
+    def _retire(self, address: str, grace: float | None) -> None:
         ch = self._channels.pop(address, None)
         if ch is None:
             return
         for key in [k for k in self._calls if k[0] == address]:
             del self._calls[key]
         # In the background: the membership refresh that calls this must not wait for calls.
-        task = asyncio.ensure_future(ch.close(self._grace))
+        task = asyncio.ensure_future(ch.close(grace))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

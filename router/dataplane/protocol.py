@@ -337,6 +337,16 @@ def for_client(method: Method, alias: str | None, response: bytes) -> bytes:
     return wire.replace_string(response, method.response_server_side_field, alias)
 
 
+def server_side_of(method: Method, response: bytes) -> str | None:
+    """The server-side session id a response shows its client, if it carries one."""
+    if not method.response_server_side_field:
+        return None
+    try:
+        return wire.read_string(response, method.response_server_side_field) or None
+    except wire.WireError:
+        return None
+
+
 def clone_of(response: bytes) -> str | None:
     """The new session id a CloneSession answer names, if it is one the router can pin."""
     try:

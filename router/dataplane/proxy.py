@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from functools import partial
@@ -138,6 +139,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             }
         )
         self._max_identifier = settings.max_identifier_length
+        # Only a replaying move keeps a session's identity, so only then is it worth learning.
+        self._learn = settings.migration == "replay"
         self._upstreams = upstreams
         self._health = health
         self._registry = registry
@@ -223,7 +226,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     pin = await self._failed_over(
                         exc, attempt, pin, method, request, info, md, context, obs
                     )
+                except asyncio.CancelledError:
+                    if not self._was_cut(pin):
+                        raise
+                    pin = await self._failed_over(
+                        None, attempt, pin, method, request, info, md, context, obs
+                    )
             alias = pin.server_side_id
+            if alias is None and pin.seen_id is None and self._learn:
+                self._learned(method, pin, response)
             await _relay_metadata(context, call)
             if method.name in protocol.JOURNALED:
                 await self.recorder.record(info.key, method, _as_user(info, request))
@@ -260,6 +271,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         pin = await self._failed_over(
                             exc, attempt, pin, method, request, info, md, context, obs
                         )
+                    except asyncio.CancelledError:
+                        if not self._was_cut(pin):
+                            raise
+                        pin = await self._failed_over(
+                            None, attempt, pin, method, request, info, md, context, obs
+                        )
+                if pin.server_side_id is None and pin.seen_id is None and self._learn:
+                    self._learned(method, pin, response)
                 entry = self.recorder.entry(method, _as_user(info, request))
                 journal = None if entry is None else (key, entry)
                 async for message in self._relay_stream(
@@ -298,8 +317,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 response: bytes = await call
             except grpc.aio.AioRpcError as exc:
                 await self._relay_error(context, exc, pin)
+            except asyncio.CancelledError:
+                if not self._was_cut(pin):
+                    raise
+                await _abort(context, _cut_off(pin))
             await _relay_metadata(context, call)
             obs.first_response()
+            if pin.server_side_id is None and pin.seen_id is None and self._learn:
+                self._learned(method, pin, response)
             if tape is not None:
                 await self.recorder.record_tape(info.key, method, tape)
             return protocol.for_client(method, pin.server_side_id, response)
@@ -364,7 +389,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
 
     async def _failed_over(
         self,
-        exc: grpc.aio.AioRpcError,
+        exc: grpc.aio.AioRpcError | None,
         attempt: int,
         pin: Pin,
         method: Method,
@@ -374,11 +399,24 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
     ) -> Pin:
-        """After a first attempt found its driver gone: the pin to retry on; else the error."""
+        """After a first attempt found its driver gone: the pin to retry on; else the error.
+
+        `exc` None: the call was cut (its driver marked down while it ran).
+        """
         obs.first_response()
-        if attempt == 1 and await self._driver_died(exc, pin):
+        if attempt == 1 and (exc is None or await self._driver_died(exc, pin)):
             return await self._placed(method, request, info, md, context, obs)
+        if exc is None:
+            await _abort(context, _cut_off(pin))
         await self._relay_error(context, exc, pin)
+
+    def _was_cut(self, pin: Pin) -> bool:
+        """Whether a cancelled upstream call was the router's cut (Upstreams.cut).
+
+        Its driver was marked down, so a client's own cancel at that very moment is taken
+        for a cut too: that call then does a little work for a client that is gone.
+        """
+        return not self._placement.is_live(pin.driver)
 
     async def _driver_died(self, exc: grpc.aio.AioRpcError, pin: Pin) -> bool:
         """Whether a failed call means its driver is gone (confirmed by a probe)."""
@@ -459,7 +497,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             or self._settings.migration != "replay"
             # The client has not shown its server-side id yet: a later call will. Checked
             # here too, so such calls cost no journal read.
-            or not (pin.server_side_id or info.observed_id)
+            or not (pin.server_side_id or info.observed_id or pin.seen_id)
         ):
             return pin
         try:
@@ -469,6 +507,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         except NoLiveDriver:
             return pin  # nowhere to go: the drained driver keeps it
         return new
+
+    def _learned(self, method: Method, pin: Pin, response: Any) -> None:
+        """Learn the server-side id a new session's client now saw (once per session).
+
+        A move keeps it as the session's identity even for a client that never sends its
+        observed id, and for a session that moves during its very first call.
+        """
+        if isinstance(response, bytes):
+            seen = protocol.server_side_of(method, response)
+            if seen is not None:
+                self._placement.learn(pin, seen)
 
     async def _release(self, key: str) -> None:
         """Forget a released session: its pin and journal, and journal entries still waiting."""
@@ -606,6 +655,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context.set_trailing_metadata(tuple(trailing))
         except grpc.aio.AioRpcError as exc:
             await self._relay_error(context, exc, pin)
+        except asyncio.CancelledError:
+            if not self._was_cut(pin):
+                raise
+            await _abort(context, _cut_off(pin))  # the client reattaches, and moves
         finally:
             # Client cancel, deadline or an error on our side: stop the driver's work too.
             if not call.done():
@@ -622,6 +675,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context, DriverUnreachable(f"driver {pin.driver} (pool {pin.pool}): {details}")
             )
         await _end(context, code, details or "", tuple(exc.trailing_metadata() or ()))
+
+
+def _cut_off(pin: Pin) -> DriverUnreachable:
+    """What a call cut off its driver gets: UNAVAILABLE, which clients retry at once."""
+    return DriverUnreachable(
+        f"driver {pin.driver} (pool {pin.pool}) was marked down by health probes while "
+        "this call ran; retry: the session moves to a live driver"
+    )
 
 
 def _first_for(info: RequestInfo, alias: str | None, first: bytes) -> bytes:

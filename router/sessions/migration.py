@@ -7,7 +7,8 @@ asked (admin API). `Mover.move` then does the same five steps for every reason:
 1. re-read the session's pin (if another replica moved it already, follow it and stop),
    read its journal (in `migration: replay` only) and, for an operator's move, which has
    no call to read it from, ask the old driver which server-side id its client saw (as
-   the session's owner) when no earlier move recorded one;
+   the session's owner) when neither an earlier move nor the data plane (which learns it
+   from the session's first response: Pin.seen_id) recorded one;
 2. decide, in `plan` (pure: no I/O, no clock): the id the client keeps seeing (the alias
    the data plane rewrites, or none, and Spark answers SESSION_CHANGED), the journal
    entries replayed, and how the old driver is told (`Release`: not at all when it is
@@ -140,7 +141,8 @@ def plan(
     """How a session moves (`entries` None: overflowed); None: a drain leaves it where it is.
 
     The state comes along when it can (replay mode, complete journal); the identity too
-    when, besides, an id is known — an earlier move's alias first, else the one observed.
+    when, besides, an id is known — an earlier move's alias first, else the one the call
+    observed, else the one the router saw the first driver give the client (Pin.seen_id).
     A state replayed without an identity is still right: a client that saw no id yet gets
     its whole session, one that did gets SESSION_CHANGED from Spark. A drain moves only a
     session that keeps both, since it must go unnoticed.
@@ -148,7 +150,7 @@ def plan(
     replay: tuple[bytes, ...] = ()
     if migration == "replay" and entries is not None:
         replay = tuple(entries)
-        alias = pin.server_side_id or observed or None
+        alias = pin.server_side_id or observed or pin.seen_id or None
     else:
         alias = None
     if reason is Reason.DRAIN and alias is None:
@@ -227,10 +229,16 @@ class Mover:
             # Another replica moved it already (its event is not here yet): follow it.
             self._placement.cache.put(current)
             return current, False
+        if current is not None and pin.seen_id is None and current.seen_id is not None:
+            pin = replace(pin, seen_id=current.seen_id)  # learned by another replica
         entries = None
         if self._migration == "replay":
             entries = await self._registry.journal(pin.key)
-            if entries is not None and reason is Reason.ADMIN and not pin.server_side_id:
+            if (
+                entries is not None
+                and reason is Reason.ADMIN
+                and not (pin.server_side_id or pin.seen_id)
+            ):
                 observed = observed or await self._server_side_id(pin)
         decided = plan(pin, reason, self._migration, entries, observed)
         if decided is None:

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import replace
 
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DriverState, Event, EventKind, Pin, session_key
@@ -107,6 +108,11 @@ class PinCache:
         return len(self._pins)
 
 
+# Learned ids waiting for the registry: a bound against a flood of new sessions during an
+# outage of the tick; a session left out learns its id again on its next call.
+_MAX_LEARNED = 100_000
+
+
 class Placement:
     """Finds the driver of a session: cache, then registry pin, then ring."""
 
@@ -129,6 +135,7 @@ class Placement:
         self.telemetry = telemetry or Telemetry()
         self._active: set[str] = set()  # sessions used since the last flush
         self._pending: dict[str, Pin] = {}  # placed while the registry was down
+        self._learned: dict[str, Pin] = {}  # pins whose seen id waits to be written
         self.degraded = False
         self.move_idle: frozenset[str] = frozenset()  # drivers drained with move-idle
 
@@ -204,6 +211,40 @@ class Placement:
     def _new_pin(self, session_id: str, pool: str, owner: str | None) -> Pin:
         address = choose(session_id, pool, self.rings)
         return Pin(session_id, address, pool, owner=owner, created=time.time())
+
+    def learn(self, pin: Pin, seen: str) -> None:
+        """Note the server-side id a session's driver showed its client (written by the tick).
+
+        Cached at once, so this replica's next move of the session keeps that identity; the
+        registry hears of it within a membership poll (`write_learned`), so other replicas'
+        do too. An outage pin just carries it when it is written back.
+        """
+        key = pin.key
+        if len(self._learned) >= _MAX_LEARNED:
+            return  # not cached either: the session learns it again on a later call
+        learned = replace(pin, seen_id=seen)
+        self.cache.replace(learned)
+        if key in self._pending:
+            self._pending[key] = learned
+        else:
+            self._learned[key] = learned
+
+    @property
+    def has_learned(self) -> bool:
+        """Whether learned ids wait to be written to the registry."""
+        return bool(self._learned)
+
+    async def write_learned(self) -> None:
+        """Write learned ids into their pins (compare-and-set: a pin moved since is left be)."""
+        learned, self._learned = self._learned, {}
+        try:
+            for key, pin in learned.items():
+                winner = await self._registry.move(key, pin.driver, pin)
+                if winner is not None and winner != pin:
+                    self.cache.replace(winner)  # moved meanwhile: the id it had is moot
+            self._registry_ok()
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)  # the cache keeps them; this replica's moves still do
 
     def is_live(self, address: str) -> bool:
         """Whether a pinned session may keep using `address`.

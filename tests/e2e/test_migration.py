@@ -12,10 +12,12 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -265,6 +267,80 @@ def test_a_hung_driver_is_detected_and_the_session_moves(drivers: LocalDrivers) 
         wait_until(lambda: down in router.log(), 10, "the router to see the hung driver down")
         assert spark.conf.get("spark.sql.shuffle.partitions") == "9"
         assert spark.sql("SELECT count(*) AS n FROM hung_view").collect()[0]["n"] == 3
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        router.stop()
+
+
+# Every partition's first row waits: the query sends nothing for a few seconds.
+_STALLED = (
+    "SELECT id, reflect('java.lang.Thread', 'sleep', CAST(IF(id % 250 = 0, {ms}, 0) AS BIGINT))"
+    " AS pause FROM range(0, 1000, 1, 4)"
+)
+
+
+class _InFlight:
+    """A query run in a thread, started once its result stream is open at the router."""
+
+    def __init__(self, router: Router, run: Callable[[], object]) -> None:
+        self._router = router
+        self._result: list[object] = []
+        self._thread = threading.Thread(target=lambda: self._result.append(run()), daemon=True)
+        self._thread.start()
+        wait_until(
+            lambda: router.metric('spark_router_calls_in_flight{kind="stream"}') >= 1,
+            30,
+            "the query to reach its driver",
+        )
+
+    def result(self, timeout: float) -> Any:
+        """What the query returned, within `timeout` s (AssertionError with the router log)."""
+        self._thread.join(timeout)
+        assert self._result and not self._thread.is_alive(), self._router.log()[-4000:]
+        return self._result[0]
+
+
+def test_a_driver_killed_during_a_sessions_first_to_pandas_keeps_the_session(
+    drivers: LocalDrivers,
+) -> None:
+    """pyspark reattaches with the id its first request carried (none): the router's own."""
+    router = Router(drivers)
+    rings = Rings.build([Driver(a) for a in drivers.addresses])
+    sid = str(uuid.uuid4())
+    victim = next(d for d in drivers.drivers if d.address == rings.pick("default", sid))
+    spark = SparkSession.builder.remote(f"{router.url}/;session_id={sid}").create()
+    try:
+        query = _InFlight(router, lambda: spark.sql(_STALLED.format(ms=3000)).toPandas())
+        seen = spark.client._server_session_id
+        _kill(victim)
+        assert list(query.result(120)["id"]) == list(range(1000))
+        # The session carries on, on the other driver, under the id its client knows.
+        spark.conf.set("spark.sql.shuffle.partitions", "5")
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "5"
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+        if seen is not None:  # the client had seen an id before the kill: it keeps it
+            assert spark.client._server_session_id == seen
+    finally:
+        spark.stop()
+        router.stop()
+
+
+def test_a_query_in_flight_on_a_hung_driver_is_cut_and_rerun_at_once(
+    drivers: LocalDrivers,
+) -> None:
+    router = Router(drivers)  # probe budget: 3 failures x (0.5 s interval + 1 s timeout)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "9")
+        victim = _victim_of(drivers, spark)
+        assert victim.process is not None
+        query = _InFlight(router, lambda: spark.sql(_STALLED.format(ms=5000)).collect())
+        os.kill(victim.process.pid, signal.SIGSTOP)
+        # A hung driver keeps its connection open: only the router's cut ends the query's
+        # wait (keepalive would take over a minute), then pyspark reattaches and it reruns.
+        assert len(query.result(60)) == 1000
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "9"
         assert int(spark.conf.get(PORT_CONF)) != victim.port
     finally:
         spark.stop()

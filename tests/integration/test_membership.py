@@ -85,7 +85,10 @@ async def test_a_confirmed_failure_is_in_the_snapshot_before_the_registry_answer
         assert replica.placement.rings.drivers[dead.address].state is DriverState.DOWN
         gate.set()
         assert await asyncio.wait_for(confirming, WAIT) is True
-        assert replica.upstreams.channel(dead.address) is channel  # down, not gone: kept
+        # Down: its calls in flight are cut (the channel closed); later calls get a new one.
+        shut = grpc.ChannelConnectivity.SHUTDOWN
+        await eventually(lambda: channel.get_state() is shut, "the down driver's channel cut")
+        assert replica.upstreams.channel(dead.address) is not channel
 
 
 async def test_the_replica_holds_the_second_of_three_failing_drivers_up() -> None:

@@ -316,3 +316,52 @@ async def test_release_until_calls_are_answered_at_once_and_coalesced() -> None:
     finally:
         await replica.stop(0)
         await driver.stop()
+
+
+async def test_a_client_that_never_sends_its_observed_id_keeps_its_identity_through_moves() -> None:
+    """Drained with move-idle, then moved off a dead driver: the first id in every answer."""
+    drivers = [FakeDriver(check_observed_session_id=True) for _ in range(3)]
+    for d in drivers:
+        await d.start()
+    settings = load_settings(listen="127.0.0.1:0", drivers=[d.address for d in drivers])
+    replica = Replica(settings)
+    await replica.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = Stub(channel)
+            s = str(uuid.uuid4())
+            set_conf = base_pb2.ConfigRequest(session_id=s)
+            set_conf.operation.set.pairs.add(key="spark.sql.shuffle.partitions", value="7")
+            original = (await stub.Config(set_conf)).server_side_session_id
+            port = int((await stub.Config(_config(s, None))).pairs[0].value)
+            home = next(d for d in drivers if d.port == port)
+            # The router learned the id from the first answer and wrote it into the pin.
+            for _ in range(200):  # the replica's tick writes it (membership_poll_seconds)
+                pin = await replica.registry.get_pin(s)
+                if pin is not None and pin.seen_id == original:
+                    break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError(f"the learned id never reached the registry: {pin}")
+
+            await _drained(replica, home.address, DrainMode.MOVE_IDLE)
+            got = await stub.Config(_config(s, None, PORT_KEY, "spark.sql.shuffle.partitions"))
+            assert got.server_side_session_id == original
+            assert got.pairs[0].value != str(home.port) and got.pairs[1].value == "7"
+            second = next(d for d in drivers if str(d.port) == got.pairs[0].value)
+
+            await second.stop()  # dead: the next call moves it again
+            got = await stub.Config(_config(s, None, PORT_KEY, "spark.sql.shuffle.partitions"))
+            assert got.server_side_session_id == original
+            assert got.pairs[0].value not in (str(home.port), str(second.port))
+            assert got.pairs[1].value == "7"
+            # A stream's every answer shows the first id too.
+            stream = stub.ExecutePlan(base_pb2.ExecutePlanRequest(session_id=s))
+            ids = {r.server_side_session_id async for r in stream}
+            assert ids == {original}
+            pin = await replica.registry.get_pin(s)
+            assert pin is not None and pin.moves == 2 and pin.server_side_id == original
+    finally:
+        await replica.stop(0)
+        for d in drivers:
+            await d.stop()

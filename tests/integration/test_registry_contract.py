@@ -196,6 +196,21 @@ async def test_racing_moves_tell_the_winner_by_its_move_token(store: Harness) ->
     assert (await other.get_pin("s1")) == mine  # the token survives the store
 
 
+async def test_a_learned_server_side_id_is_kept_and_announced(
+    store: Harness, listen: Listen
+) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    await reg.bind(Pin("s1", "d1:1"))
+    learned = Pin("s1", "d1:1", seen_id="srv-1")
+    assert await reg.move("s1", "d1:1", learned) == learned  # same driver: only the id changes
+    found = await other.get_pin("s1")
+    assert found is not None and found.seen_id == "srv-1" and found.move_token is None
+    event = await heard.next()
+    assert event.pin is not None and event.pin.seen_id == "srv-1"
+
+
 async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:
     reg = await store.open()
     other = await store.peer(reg)

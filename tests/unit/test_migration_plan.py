@@ -37,6 +37,18 @@ def test_an_earlier_moves_alias_wins_over_the_observed_id(reason: Reason) -> Non
     assert decided is not None and decided.alias == "first-id"
 
 
+@pytest.mark.parametrize("reason", list(Reason))
+def test_the_learned_id_is_the_identity_when_the_call_shows_none(reason: Reason) -> None:
+    # A client that never sends its observed id, or a move during the session's first call.
+    learned = Pin("s", "d1:1", seen_id="learned-id")
+    decided = plan(learned, reason, "replay", JOURNAL, None)
+    assert decided is not None and decided.alias == "learned-id"
+    decided = plan(learned, reason, "replay", JOURNAL, "observed-id")  # what it sends wins
+    assert decided is not None and decided.alias == "observed-id"
+    strict = plan(learned, reason, "strict", JOURNAL, None)  # no state, so no identity
+    assert strict is None if reason is Reason.DRAIN else strict.alias is None  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize("reason", [Reason.DRIVER_DOWN, Reason.ADMIN])
 def test_an_unknown_identity_still_replays_the_state(reason: Reason) -> None:
     # Whoever saw no id gets the whole session; whoever did gets SESSION_CHANGED from Spark.
