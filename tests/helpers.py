@@ -117,6 +117,28 @@ def spawn(
 _stderr_files: dict[int, Path] = {}
 
 
+def listening(port: int, proc: subprocess.Popen[str] | None = None) -> bool:
+    """Whether 127.0.0.1:`port` accepts connections (or `proc`, meant to serve it, exited)."""
+    with socket.socket() as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    return proc is not None and proc.poll() is not None
+
+
+def serve_router(
+    drivers: Sequence[str], *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], int]:
+    """`spark-router serve` on a free loopback port in front of `drivers`, once it listens."""
+    port = free_port()
+    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}", *extra]
+    for address in drivers:
+        args += ["--driver", address]
+    proc = spawn(args, env=env)
+    wait_until(lambda: listening(port, proc), 30, f"the router on {port} to listen")
+    assert proc.poll() is None, stderr_of(proc)
+    return proc, port
+
+
 def stderr_text(proc: subprocess.Popen[str]) -> str:
     """Everything a spawned process wrote to stderr so far."""
     path = _stderr_files.get(proc.pid)

@@ -307,7 +307,7 @@ class AdminListener:
                 )
             return _error(401, f"the admin API needs {ways[0]}", challenge)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        credentials = Credentials(headers, _peer(request.remote), dict)
+        credentials = Credentials(headers, lambda: _peer(request.remote), dict)
         try:
             identity = await self._replica.auth.authenticate(credentials)
         except Unauthenticated as exc:

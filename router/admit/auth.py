@@ -77,7 +77,8 @@ class Credentials:
     """What a call brings: read lazily, the hot path builds this per call."""
 
     metadata: Mapping[str, str | bytes]  # the call's metadata as a dict (keys lower-case)
-    peer: str  # grpc peer: "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555", "unix:..."
+    # grpc peer, asked only by trusted-header mode: "ipv4:127.0.0.1:5555", "ipv6:[::1]:5555"
+    peer: Callable[[], str]
     auth_context: Callable[[], Mapping[str, Sequence[bytes]]]  # grpc context.auth_context
 
 
@@ -608,7 +609,7 @@ class _TrustedHeaderMode(_Mode):
         raw = creds.metadata.get(self._user_header)
         if raw is None:
             return None
-        if not self.trusts(creds.peer):
+        if not self.trusts(creds.peer()):
             raise self.fail(
                 "refused",
                 f"header {self._user_header} is only accepted from trusted_proxies; "

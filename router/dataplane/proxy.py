@@ -574,7 +574,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             metadata = _as_dict(raw_md, self._single)
             info = protocol.identify(method, metadata, first, self._max_identifier)
             if self._auth is not None:
-                credentials = Credentials(metadata, context.peer(), context.auth_context)
+                credentials = Credentials(metadata, context.peer, context.auth_context)
                 info = self._as_caller(info, await self._auth.authenticate(credentials))
         except RouterError as exc:
             await _abort(context, exc)

@@ -167,25 +167,13 @@ class Placement:
         pool = pool or self.default_pool
         try:
             pin = await self._registry.get_pin(key)
-            source = "registry"
-            if pin is None:
-                if claim and owner and await self._registry.claim(session_id, owner) != owner:
-                    raise PermissionDenied(
-                        f"session {session_id} belongs to another user; start a new session "
-                        "(a new SparkSession) instead of reusing its id"
-                    )
-                pin = await self._registry.bind(self._new_pin(session_id, pool, owner))
-                source = "ring"
-            self._registry_ok()
+            if pin is not None:
+                self._registry_ok()
+                return self._placed(pin, "registry")
         except RegistryUnavailable as exc:
             self._registry_down(exc)
-            pin = self._new_pin(session_id, pool, owner)
-            self._pending[key] = pin
-            self.telemetry.pins_pending.set(len(self._pending))
-            source = "degraded"
-        self.telemetry.sessions_placed.labels(pin.pool, source).inc()
-        self.cache.put(pin)
-        return pin
+            return self._placed(self._pending_pin(self._new_pin(session_id, pool, owner)))
+        return await self._bind_new(self._new_pin(session_id, pool, owner), "ring", claim)
 
     async def pin_clone(self, source: Pin, clone_id: str, *, claim: bool = False) -> Pin:
         """Pin a clone of `source` to the source's driver (same owner and pool): the pin in force.
@@ -194,17 +182,37 @@ class Placement:
         outage the pin is kept here and written back later, as a new session's would be.
         """
         pin = Pin(clone_id, source.driver, source.pool, owner=source.owner, created=time.time())
+        return await self._bind_new(pin, "clone", claim)
+
+    async def _bind_new(self, pin: Pin, source: str, claim: bool) -> Pin:
+        """Bind a new session's pin (claiming its id first with `claim`): the pin in force.
+
+        During a registry outage the claim cannot be checked; the pin is kept here and
+        written back by `flush`.
+        """
         try:
-            owner = source.owner
-            if claim and owner and await self._registry.claim(clone_id, owner) != owner:
-                raise PermissionDenied(f"session {clone_id} belongs to another user")
+            owner = pin.owner
+            if claim and owner and await self._registry.claim(pin.session_id, owner) != owner:
+                raise PermissionDenied(
+                    f"session {pin.session_id} belongs to another user; start a new session "
+                    "(a new SparkSession) instead of reusing its id"
+                )
             pin = await self._registry.bind(pin)
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
-            self._pending[pin.key] = pin
-            self.telemetry.pins_pending.set(len(self._pending))
-        self.telemetry.sessions_placed.labels(pin.pool, "clone").inc()
+            return self._placed(self._pending_pin(pin))
+        return self._placed(pin, source)
+
+    def _pending_pin(self, pin: Pin) -> Pin:
+        """Keep a pin made during a registry outage, to be written back by `flush`."""
+        self._pending[pin.key] = pin
+        self.telemetry.pins_pending.set(len(self._pending))
+        return pin
+
+    def _placed(self, pin: Pin, source: str = "degraded") -> Pin:
+        """Count and cache a session's pin as placed from `source`."""
+        self.telemetry.sessions_placed.labels(pin.pool, source).inc()
         self.cache.put(pin)
         return pin
 

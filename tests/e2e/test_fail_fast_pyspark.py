@@ -7,8 +7,6 @@ with FAILED_PRECONDITION (not in pyspark's retry policy) naming the pool, the dr
 
 from __future__ import annotations
 
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -16,7 +14,7 @@ import grpc
 import pytest
 from pyspark.sql import SparkSession
 
-from tests.helpers import free_port, spawn, stderr_of, stop, wait_until
+from tests.helpers import serve_router, stop
 
 DEAD = "127.0.0.1:1"
 BOUND = 20.0  # seconds: no_driver_wait_seconds (5) plus a probe and start-up, with room
@@ -24,16 +22,7 @@ BOUND = 20.0  # seconds: no_driver_wait_seconds (5) plus a probe and start-up, w
 
 @pytest.fixture
 def dead_router() -> Iterator[str]:
-    port = free_port()
-    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}", "--driver", DEAD]
-    proc: subprocess.Popen[str] = spawn(args, env={"SPARK_ROUTER_ADMIN_LISTEN": "off"})
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
-
-    wait_until(listening, 30, "the router to listen")
-    assert proc.poll() is None, stderr_of(proc)
+    proc, port = serve_router([DEAD], env={"SPARK_ROUTER_ADMIN_LISTEN": "off"})
     yield f"sc://127.0.0.1:{port}"
     assert stop(proc) == 0
 

@@ -11,11 +11,14 @@ make this client print too_many_pings within 40 s either — grpc's client may s
 idle connection after `grpc.http2.max_pings_without_data` pings, which pyspark leaves at 2 —
 so the strict check, a client pinging every second forever, is
 tests/integration/test_keepalive.py, with its own control.)
+
+`SPARK_ROUTER_TEST_IDLE_SECONDS=360 ./dev test tests/e2e/test_keepalive_pyspark.py` runs the
+real case instead: six minutes idle with pyspark's own pings and the router's defaults.
 """
 
 from __future__ import annotations
 
-import socket
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,15 +26,19 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import ROOT, free_port, spawn, stderr_of, stop, wait_until
+from tests.helpers import ROOT, serve_router, stop
 
-PING_MS = 2000
-IDLE = 40
+# SPARK_ROUTER_TEST_IDLE_SECONDS=360: the issue's six minutes, as users run it — pyspark's own
+# 60 s pings and the router's defaults (outside CI; the numbers are in the issue's notes).
+LONG_IDLE = os.environ.get("SPARK_ROUTER_TEST_IDLE_SECONDS")
+IDLE = int(LONG_IDLE or 40)
+OPTIONS = "" if LONG_IDLE else "/;grpc_keepalive_time_ms=2000"
+MIN_PING = None if LONG_IDLE else 1.0
 
 CLIENT = f"""
 import sys, time
 from pyspark.sql import SparkSession
-spark = SparkSession.builder.remote(sys.argv[1] + "/;grpc_keepalive_time_ms={PING_MS}").create()
+spark = SparkSession.builder.remote(sys.argv[1] + "{OPTIONS}").create()
 assert spark.range(5).count() == 5
 time.sleep({IDLE})
 print("after idle:", spark.range(7).count(), flush=True)
@@ -39,30 +46,18 @@ spark.stop()
 """
 
 
-def _serve(drivers: list[str], min_ping: float) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}"]
-    for address in drivers:
-        args += ["--driver", address]
-    env = {
-        "SPARK_ROUTER_ADMIN_LISTEN": "off",
-        "SPARK_ROUTER_MIN_CLIENT_PING_INTERVAL_SECONDS": str(min_ping),
-    }
-    proc: subprocess.Popen[str] = spawn(args, env=env)
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
-
-    wait_until(listening, 30, "the router to listen")
-    assert proc.poll() is None, stderr_of(proc)
+def _serve(drivers: list[str], min_ping: float | None) -> tuple[subprocess.Popen[str], str]:
+    env = {"SPARK_ROUTER_ADMIN_LISTEN": "off"}
+    if min_ping is not None:
+        env["SPARK_ROUTER_MIN_CLIENT_PING_INTERVAL_SECONDS"] = str(min_ping)
+    proc, port = serve_router(drivers, env=env)
     return proc, f"sc://127.0.0.1:{port}"
 
 
 @pytest.fixture
 def router_url(spark_drivers: Any) -> Iterator[str]:
-    """A router allowing client pings every 1 s, in front of the real drivers."""
-    proc, url = _serve(spark_drivers.addresses, 1.0)
+    """A router allowing client pings every 1 s (the defaults: long idle), before real drivers."""
+    proc, url = _serve(spark_drivers.addresses, MIN_PING)
     yield url
     assert stop(proc) == 0
 

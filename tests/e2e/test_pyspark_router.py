@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -14,25 +13,14 @@ from pyspark.sql import SparkSession
 
 from registry.models import Driver
 from router.sessions.ring import Rings
-from tests.helpers import free_port, spawn, stderr_of, stop, wait_until
+from tests.helpers import serve_router, stop
 
 PORT_CONF = "spark.connect.grpc.binding.port"
 
 
 def _serve(drivers: list[str], *extra: str) -> tuple[subprocess.Popen[str], str]:
     """Start `spark-router serve` in front of `drivers`; return it and its sc:// URL."""
-    port = free_port()
-    args = ["-m", "router.cli", "serve", "--listen", f"127.0.0.1:{port}", *extra]
-    for address in drivers:
-        args += ["--driver", address]
-    proc: subprocess.Popen[str] = spawn(args)
-
-    def listening() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0 or proc.poll() is not None
-
-    wait_until(listening, 30, "the router to listen")
-    assert proc.poll() is None, stderr_of(proc)
+    proc, port = serve_router(drivers, *extra)
     return proc, f"sc://127.0.0.1:{port}"
 
 

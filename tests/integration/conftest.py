@@ -21,6 +21,15 @@ CLIENT_OPTIONS = [
 
 
 @pytest.fixture
+async def driver() -> AsyncIterator[FakeDriver]:
+    """One fake driver."""
+    d = FakeDriver()
+    await d.start()
+    yield d
+    await d.stop()
+
+
+@pytest.fixture
 async def drivers() -> AsyncIterator[list[FakeDriver]]:
     """Two fake drivers."""
     ds = [FakeDriver(), FakeDriver()]

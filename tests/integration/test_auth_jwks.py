@@ -100,7 +100,7 @@ async def issuer() -> AsyncIterator[Issuer]:
 
 
 def call(token: str) -> Credentials:
-    return Credentials({"authorization": f"Bearer {token}"}, "ipv4:127.0.0.1:1", lambda: {})
+    return Credentials({"authorization": f"Bearer {token}"}, lambda: "ipv4:127.0.0.1:1", lambda: {})
 
 
 def settings_for(issuer: Issuer, **more: Any) -> Settings:

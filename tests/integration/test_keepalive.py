@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 import psutil
-import pytest
 from pyspark.sql.connect.proto import base_pb2, base_pb2_grpc
 
 from loadtest.fake_driver import FakeDriver
@@ -34,14 +33,6 @@ AGGRESSIVE = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-@pytest.fixture
-async def driver() -> AsyncIterator[FakeDriver]:
-    d = FakeDriver()
-    await d.start()
-    yield d
-    await d.stop()
 
 
 async def _replica(driver: FakeDriver, **overrides: float) -> Replica:

@@ -105,14 +105,6 @@ async def _answers(channel: grpc.aio.Channel) -> bool:
     return True
 
 
-@pytest.fixture
-async def driver() -> AsyncIterator[FakeDriver]:
-    d = FakeDriver()
-    await d.start()
-    yield d
-    await d.stop()
-
-
 def _settings(driver: FakeDriver, **values: Any) -> Settings:
     return load_settings(
         listen="127.0.0.1:0", admin_listen="off", drivers=[driver.address], **values

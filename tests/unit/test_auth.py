@@ -63,7 +63,7 @@ def creds(
     peer: str = "ipv4:127.0.0.1:5555",
     context: Mapping[str, Sequence[bytes]] | None = None,
 ) -> Credentials:
-    return Credentials(dict(metadata or {}), peer, lambda: context or {})
+    return Credentials(dict(metadata or {}), lambda: peer, lambda: context or {})
 
 
 def with_token(token: str, **more: str) -> Credentials:
@@ -536,7 +536,9 @@ async def test_chain_mtls_then_token(token_file: Path, tmp_path: Path) -> None:
         mtls_settings(tmp_path, auth=["mtls", "token"], token_file=token_file)
     )
     assert (await auth.authenticate(creds(context=CERT_CONTEXT))).user == "alice"
-    no_cert = Credentials({"authorization": f"Bearer {token}"}, "ipv4:1.2.3.4:5", lambda: {})
+    no_cert = Credentials(
+        {"authorization": f"Bearer {token}"}, lambda: "ipv4:1.2.3.4:5", lambda: {}
+    )
     assert (await auth.authenticate(no_cert)).user == "tok-user"
     message = await refused(auth, creds())
     assert "authorization: Bearer <token>" in message and "client certificate" in message
@@ -608,7 +610,7 @@ async def test_mtls_with_a_real_grpc_handshake(tmp_path: Path) -> None:
 
     async def handler(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         c = Credentials(
-            dict(context.invocation_metadata() or ()), context.peer(), context.auth_context
+            dict(context.invocation_metadata() or ()), context.peer, context.auth_context
         )
         seen.append(await auth.authenticate(c))
         return b"ok"
