@@ -1,13 +1,40 @@
 """May they: decisions about an authenticated identity, pure and synchronous.
 
-Roles come from settings only (`admin_users`, `admin_groups`); an anonymous identity (auth
-none, user "") is never an admin, so turning auth off never turns the admin API open by role.
+Two sources, one answer:
+- settings alone (`admin_users`, `admin_groups`): `is_admin`, as before a policy exists;
+- a policy (`Policy`, parsed from the policy file by `Policy.parse`): roles with users and
+  groups, per role the pools it may use and its default pool, the admin role, a deny list.
+
+Rules of a policy, in order (`Policy.pool_for`):
+1. a denied user, or a member of a denied group, is refused everything;
+2. the caller's roles are every role naming the user or one of their groups; a caller in
+   none is refused (a policy lists who may use the router; nobody is let in by omission);
+3. the pool: the one the call asks for (`x-spark-pool`) if one of their roles allows it,
+   else refused naming the pool and the user; no pool asked: the default pool of their first
+   role (roles in file order) that has one, else the router's `default_pool`, which must then
+   be allowed too;
+4. admin: a role with `admin: true` (or settings' admin users and groups).
+An anonymous identity (auth none, user "") is never an admin, so turning auth off never
+turns the admin API open by role. Decisions take a snapshot (the parsed policy) and an
+identity; reloading the file swaps the snapshot for new calls, and sessions already placed
+stay where they are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from router.admit.auth import Identity
 from router.config import Settings
+from router.errors import PermissionDenied
+
+__all__ = ["ANY_POOL", "Policy", "PolicyError", "RoleSpec", "is_admin"]
+
+ANY_POOL = "*"  # in a role's pools: every pool
 
 
 def is_admin(identity: Identity, settings: Settings) -> bool:
@@ -17,3 +44,120 @@ def is_admin(identity: Identity, settings: Settings) -> bool:
     if identity.user in settings.admin_users:
         return True
     return not identity.groups.isdisjoint(settings.admin_groups)
+
+
+class PolicyError(ValueError):
+    """The policy file is not a valid policy (the message says where and why)."""
+
+
+class RoleSpec(BaseModel):
+    """One role of the policy file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    users: tuple[str, ...] = Field((), description="users in the role")
+    groups: tuple[str, ...] = Field((), description="groups whose members are in the role")
+    pools: tuple[str, ...] = Field((), description='pools the role may use ("*": every pool)')
+    default_pool: str | None = Field(None, description="pool of calls that name none")
+    admin: bool = Field(False, description="may use the admin API (drain, move, sessions)")
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> RoleSpec:
+        if self.default_pool is not None and not self.allows(self.default_pool):
+            raise ValueError(
+                f"default_pool {self.default_pool!r} is not one of the role's pools {self.pools}"
+            )
+        return self
+
+    def allows(self, pool: str) -> bool:
+        """Whether the role may use `pool`."""
+        return ANY_POOL in self.pools or pool in self.pools
+
+
+class _PolicySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    roles: dict[str, RoleSpec] = Field(default_factory=dict)
+    deny_users: tuple[str, ...] = ()
+    deny_groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Role:
+    """A role as decisions use it."""
+
+    name: str
+    spec: RoleSpec
+
+    def has(self, identity: Identity) -> bool:
+        """Whether the identity is in the role."""
+        spec = self.spec
+        return identity.user in spec.users or not identity.groups.isdisjoint(spec.groups)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy: a snapshot that decisions read and a reload replaces whole."""
+
+    roles: tuple[Role, ...]
+    deny_users: frozenset[str]
+    deny_groups: frozenset[str]
+    default_pool: str  # the router's own (settings.default_pool)
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any] | None, default_pool: str) -> Policy:
+        """The policy in `data` (the file's `policy:` mapping); PolicyError if it is not one."""
+        try:
+            spec = _PolicySpec.model_validate(data or {})
+        except ValidationError as exc:
+            raise PolicyError(_explain(exc)) from None
+        roles = tuple(Role(name, role) for name, role in spec.roles.items())
+        return cls(roles, frozenset(spec.deny_users), frozenset(spec.deny_groups), default_pool)
+
+    def roles_of(self, identity: Identity) -> tuple[Role, ...]:
+        """The caller's roles, in file order."""
+        return tuple(r for r in self.roles if r.has(identity))
+
+    def _check_not_denied(self, identity: Identity) -> None:
+        if identity.user in self.deny_users or not identity.groups.isdisjoint(self.deny_groups):
+            raise PermissionDenied(f"user {identity.user!r} is on the router's deny list")
+
+    def pool_for(self, identity: Identity, asked: str | None) -> str:
+        """The pool the caller's call goes to; PermissionDenied naming the pool and the user."""
+        self._check_not_denied(identity)
+        roles = self.roles_of(identity)
+        if not roles:
+            raise PermissionDenied(
+                f"user {identity.user!r} has no role in the router's policy; ask an operator "
+                "to add the user or one of their groups to a role"
+            )
+        if asked is None:
+            asked = next(
+                (r.spec.default_pool for r in roles if r.spec.default_pool), self.default_pool
+            )
+        if not any(r.spec.allows(asked) for r in roles):
+            allowed = sorted({p for r in roles for p in r.spec.pools})
+            raise PermissionDenied(
+                f"user {identity.user!r} may not use pool {asked!r} "
+                f"(their roles allow: {', '.join(allowed) or 'none'})"
+            )
+        return asked
+
+    def is_admin(self, identity: Identity, settings: Settings) -> bool:
+        """Whether the caller may use the admin API: an admin role, or settings' admins."""
+        if not identity.user:
+            return False
+        if identity.user in self.deny_users or not identity.groups.isdisjoint(self.deny_groups):
+            return False
+        if any(r.spec.admin for r in self.roles_of(identity)):
+            return True
+        return is_admin(identity, settings)
+
+
+def _explain(exc: ValidationError) -> str:
+    """A pydantic error as one line per problem, its place in the file first."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "policy"
+        lines.append(f"policy.{where}: {error['msg']}")
+    return "; ".join(lines)
