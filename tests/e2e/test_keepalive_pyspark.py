@@ -62,6 +62,7 @@ def router_url(spark_drivers: Any) -> Iterator[str]:
     assert stop(proc) == 0
 
 
+@pytest.mark.timeout(IDLE + 240)
 def test_an_idle_pyspark_session_sees_no_goaway_and_queries_after(router_url: str) -> None:
     client = subprocess.run(
         [sys.executable, "-c", CLIENT, router_url],
