@@ -212,6 +212,42 @@ class Settings(BaseSettings):
         "(pyspark: every 60 s); more often earns GOAWAY too_many_pings",
     )
 
+    # --- the memory budget (router/dataplane/budget.py; the worst case is in the README) ---
+    stream_window_bytes: int = Field(
+        256 * 1024,
+        ge=16 * 1024,
+        le=16 * MiB,
+        description="HTTP/2 flow-control window of each call, towards clients and drivers "
+        "(fixed: gRPC's BDP probing, which grows it to megabytes, is off): what one stalled "
+        "stream can make the router buffer beyond the message in hand",
+    )
+    max_streams: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="calls in flight on the replica; more are refused (RESOURCE_EXHAUSTED)",
+    )
+    max_streams_per_connection: int = Field(
+        100,
+        ge=1,
+        le=1_000_000,
+        description="calls in flight on one client connection; more are refused "
+        "(RESOURCE_EXHAUSTED)",
+    )
+    max_request_bytes_in_flight: int = Field(
+        256 * MiB,
+        ge=SPARK_MAX_MESSAGE_BYTES,
+        description="bytes of requests the replica holds while it routes and forwards them "
+        "(at least max_message_bytes); a request beyond it is refused (RESOURCE_EXHAUSTED)",
+    )
+    memory_trim_seconds: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="how often freed memory is handed back to the system (glibc malloc_trim, "
+        "off the event loop); 0 turns it off",
+    )
+
     # --- TLS (the listener, and the way to drivers) ---
     tls_cert_file: Path | None = Field(
         None, description="certificate chain (PEM) the router serves; with tls_key_file: TLS on"
@@ -397,6 +433,11 @@ class Settings(BaseSettings):
             problems.append("auth trusted-header needs trusted_proxies")
         if "mtls" in modes and self.tls_client_auth == "none":
             problems.append("auth mtls needs tls_client_auth require")
+        if self.max_request_bytes_in_flight < self.max_message_bytes:
+            problems.append(
+                "max_request_bytes_in_flight must be at least max_message_bytes "
+                "(else the largest request allowed could never be forwarded)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -104,6 +104,21 @@ class PermissionDenied(RouterError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class OverBudget(RouterError):
+    """A limit of the replica's memory budget was reached; the message names it and its setting.
+
+    RESOURCE_EXHAUSTED: gRPC's code for a quota or limit, which pyspark does not retry (the
+    same burst would meet the same limit); the client sees at once what to change.
+    """
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, limit: str) -> None:
+        """`limit`: the setting whose value was reached (a metric label)."""
+        super().__init__(message)
+        self.limit = limit
+
+
 class DriverUnreachable(RouterError):
     """A driver refused or dropped the connection before answering."""
 

@@ -44,6 +44,7 @@ from router.dataplane import protocol
 from router.dataplane.proxy import Proxy
 from router.health import Health
 from router.membership import merge
+from router.memory import trim_every
 from router.sessions.placement import Placement
 from router.sessions.ring import Rings
 from router.telemetry import InstrumentedRegistry, Telemetry
@@ -180,6 +181,7 @@ class Replica:
         self._tasks = [
             asyncio.ensure_future(self._watch_events()),
             asyncio.ensure_future(self._maintain()),
+            *self._trims(),
             asyncio.ensure_future(self.health.run()),
         ]
         self._warn_if_open()
@@ -295,6 +297,11 @@ class Replica:
             await asyncio.sleep(backoff)  # bounded retry while the registry is down
             backoff = min(backoff * 2, 5.0)
 
+    def _trims(self) -> list[asyncio.Task[None]]:
+        """The heap-trim task (router/memory.py), unless memory_trim_seconds is 0."""
+        seconds = self.settings.memory_trim_seconds
+        return [asyncio.create_task(trim_every(seconds))] if seconds > 0 else []
+
     async def _maintain(self) -> None:
         """Periodic work: membership poll, TTL refresh and write-back of outage pins."""
         loop = asyncio.get_running_loop()
@@ -303,6 +310,7 @@ class Replica:
             await asyncio.sleep(self.settings.membership_poll_seconds)
             await self.refresh_membership()
             self.telemetry.set_sessions(self.placement.cache.counts)
+            self.telemetry.set_request_bytes(self.proxy.budget.request_bytes)
             if self.placement.needs_flush or loop.time() >= next_flush:
                 await self.placement.flush()
                 next_flush = loop.time() + self.settings.pin_touch_interval_seconds

@@ -167,6 +167,19 @@ class Telemetry:
             ["reason"],
             registry=r,
         )
+        self.refused_over_budget = Counter(
+            "spark_router_refused_over_budget",
+            "calls refused RESOURCE_EXHAUSTED by the memory budget, by the limit reached "
+            "(max_streams, max_streams_per_connection, max_request_bytes_in_flight)",
+            ["limit"],
+            registry=r,
+        )
+        self.request_bytes_in_flight = Gauge(
+            "spark_router_request_bytes_in_flight",
+            "bytes of requests the replica holds now (counted against max_request_bytes_in_flight)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.pins_pending = Gauge(
             "spark_router_pins_pending_writeback",
             "pins made during a registry outage, not yet written to the registry",
@@ -270,6 +283,14 @@ class Telemetry:
         merged = CollectorRegistry()
         multiprocess.MultiProcessCollector(merged, path=directory)  # type: ignore[no-untyped-call]
         return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def over_budget(self, limit: str) -> None:
+        """Count a call refused by the memory budget's `limit`."""
+        self.refused_over_budget.labels(limit).inc()
+
+    def set_request_bytes(self, request_bytes: int) -> None:
+        """Publish the request bytes held (sampled each maintenance tick, not per call)."""
+        self.request_bytes_in_flight.set(request_bytes)
 
     def set_sessions(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Publish the pin cache's sessions per (pool, driver)."""

@@ -34,6 +34,7 @@ from router import errors
 from router.admit.auth import Authenticator, Credentials, Identity
 from router.config import Settings
 from router.dataplane import protocol
+from router.dataplane.budget import Budget, Held
 from router.dataplane.protocol import Method, RequestInfo, Shape
 from router.dataplane.recorder import Recorder
 from router.dataplane.releases import Releases
@@ -41,6 +42,7 @@ from router.errors import (
     BadRequest,
     DriverUnreachable,
     NoLiveDriver,
+    OverBudget,
     PermissionDenied,
     RouterError,
 )
@@ -146,6 +148,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         self._registry = registry
         self._settings = settings
         self._telemetry = placement.telemetry
+        self.budget = Budget(
+            settings.max_streams,
+            settings.max_streams_per_connection,
+            settings.max_request_bytes_in_flight,
+        )
         self.open_streams: dict[str, int] = {}  # session key -> its response streams open here
         self._mover = Mover(placement, registry, upstreams, settings.migration, self._telemetry)
         self.recorder = Recorder(
@@ -206,7 +213,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> bytes:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
-        with obs:
+        with obs, await self._admitted(context, len(request)):
             info, md, pin = await self._routed(method, raw_md, request, context, obs)
             timeout = _timeout(context)
             placement = self._placement
@@ -255,7 +262,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
         call: Any = None
         key: str | None = None
-        with obs:
+        with obs, await self._admitted(context, len(request)):
             try:
                 info, md, pin = await self._routed(method, raw_md, request, context, obs)
                 timeout = _timeout(context)
@@ -303,8 +310,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> bytes:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
-        with obs:
+        with obs, await self._admitted(context, 0) as held:
             first = await self._first_request(method, requests, context)
+            await self._holding(context, held, len(first))
             info, md, pin = await self._routed(method, raw_md, first, context, obs)
             outgoing = self._outgoing_stream(method, pin, info, first, requests, obs)
             tape = self.recorder.tape(method)
@@ -338,8 +346,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> AsyncIterator[bytes]:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
-        with obs:
+        with obs, await self._admitted(context, 0) as held:
             first = await self._first_request(method, requests, context)
+            await self._holding(context, held, len(first))
             info, md, pin = await self._routed(method, raw_md, first, context, obs)
             call = self._upstreams.call(pin.driver, "stream_stream", method.path)(
                 self._outgoing_stream(method, pin, info, first, requests, obs),
@@ -348,6 +357,24 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             )
             async for message in self._relay_stream(context, call, pin, method, obs):
                 yield message
+
+    async def _admitted(self, context: grpc.aio.ServicerContext, request_bytes: int) -> Held:
+        """The call's share of the memory budget, or the call refused (RESOURCE_EXHAUSTED)."""
+        try:
+            return self.budget.open(context.peer(), request_bytes)
+        except OverBudget as exc:
+            self._telemetry.over_budget(exc.limit)
+            await _abort(context, exc)
+
+    async def _holding(
+        self, context: grpc.aio.ServicerContext, held: Held, request_bytes: int
+    ) -> None:
+        """A client stream's first request counted in its call's share, or the call refused."""
+        try:
+            held.hold(request_bytes)
+        except OverBudget as exc:
+            self._telemetry.over_budget(exc.limit)
+            await _abort(context, exc)
 
     # --- moved sessions: identity, journal, replay ------------------------------------------
 

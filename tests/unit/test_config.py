@@ -132,3 +132,9 @@ def test_the_readme_table_lists_no_setting_that_is_gone() -> None:
     rows = [line for line in readme.splitlines() if line.startswith("| `")]
     listed = {row.split("`")[1] for row in rows if "`SPARK_ROUTER_" in row}
     assert listed == set(Settings.model_fields)
+
+
+def test_the_request_budget_must_hold_the_largest_message() -> None:
+    with pytest.raises(ConfigError, match="max_request_bytes_in_flight must be at least"):
+        load_settings(max_message_bytes=512 * 1024 * 1024)
+    assert load_settings().max_request_bytes_in_flight == 256 * 1024 * 1024
