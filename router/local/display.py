@@ -1,4 +1,4 @@
-"""How the start-up of local drivers is shown: a live rich display on a terminal, else log lines.
+"""How local drivers are shown: start-up live on a terminal, else log lines; restarts as log lines.
 
 Invariants
 ----------
@@ -7,20 +7,32 @@ Invariants
   Otherwise the same progress is logged at INFO.
 * The display only reads the drivers (state, seconds since start); it never changes them, so it
   cannot alter how a start-up ends.
+* Restarts while `up` serves (after the live display has ended) are always log lines: an exit
+  is a warning, a failed restart an error, a driver back a line at INFO.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from router.local.driver import LocalDriver
 
-__all__ = ["live_display", "log_state", "wants_live"]
+__all__ = [
+    "exit_reason",
+    "live_display",
+    "log_exit",
+    "log_restart_failed",
+    "log_restarted",
+    "log_state",
+    "wants_live",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +58,47 @@ def log_state(driver: LocalDriver, quiet: bool) -> None:
         log.log(level, "driver %s ready after %.1f s", driver.address, driver.elapsed)
     elif driver.state == "failed":
         log.error("driver %s failed after %.1f s", driver.address, driver.elapsed)
+
+
+def exit_reason(code: int) -> str:
+    """A process's exit in a few words: "killed by SIGKILL" or "exit code 1"."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def log_exit(address: str, code: int, delay: float, restart: int) -> None:
+    """A running driver exited; it is started again after `delay` seconds."""
+    log.warning(
+        "driver %s exited (%s); restarting in %.1f s (restart %d)",
+        address,
+        exit_reason(code),
+        delay,
+        restart,
+    )
+
+
+def log_restart_failed(
+    address: str, reason: str, log_path: Path | None, delay: float, restart: int
+) -> None:
+    """A restart failed; the next one is tried after `delay` seconds."""
+    where = f" (log {log_path})" if log_path is not None else ""
+    log.error(
+        "driver %s did not restart: %s%s; retrying in %.1f s (restart %d)",
+        address,
+        reason,
+        where,
+        delay,
+        restart,
+    )
+
+
+def log_restarted(address: str, ready_after: float) -> None:
+    """A restarted driver answers again."""
+    log.info("driver %s restarted (ready in %.1f s)", address, ready_after)
 
 
 _STATE_STYLE = {

@@ -299,7 +299,8 @@ class LocalDriver:
 
     States: "new" -> "starting" -> "port open" -> "ready"; "failed" or "stopped" at the end.
     `start()` may be called again after `stop()` (same port, log appended). With a `token`
-    the driver requires it on every call (see the module docstring).
+    the driver requires it on every call (see the module docstring). `exited()` reaps a JVM
+    that died; `until_ready()` is `wait_ready()` for an event loop (`up` restarts with them).
     """
 
     def __init__(
@@ -431,6 +432,23 @@ class LocalDriver:
                 self.ready_after = self.elapsed
                 self._ended(state="ready")
         return True
+
+    def exited(self) -> int | None:
+        """The exit code once the JVM has exited (reaping it, so no zombie is left), else None."""
+        with self._lock:
+            if self.process is None:
+                return None
+            return self.process.poll()  # waitpid(WNOHANG): never blocks
+
+    async def until_ready(self, timeout: float) -> None:
+        """wait_ready for an event loop: each poll runs in a thread, cancellable between polls."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await asyncio.to_thread(self.poll_ready):
+            if loop.time() >= deadline:
+                self._ended(state="failed")
+                raise self.failure(f"not ready after {timeout:.0f} s")
+            await asyncio.sleep(POLL_INTERVAL)
 
     def _ended(self, state: str) -> None:
         """Enter a final start-up state ("ready" or "failed"), freezing `elapsed`."""

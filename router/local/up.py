@@ -17,15 +17,27 @@ Invariants
   flag, SPARK_ROUTER_LISTEN or the config file says otherwise, and the admin listener on
   its loopback default too. `--listen 0.0.0.0:15002` shares the router; the replica warns
   at start-up when that exposes it without authentication (server.py).
+* A driver that dies while `up` serves is reaped within EXIT_POLL_SECONDS (no zombie) and
+  started again on the same port with the same token, so the router's probes see it come
+  back; the waits between starts follow `RestartBackoff` (restart.py), so a driver that
+  cannot start is retried ever more slowly, never in a tight loop. Every exit, failed
+  restart and recovery is a log line (display.py). No restart begins once the replica is
+  shutting down; a start still in flight then finishes in its thread (the loop's runner
+  waits for it) before the drivers are stopped, so nothing it starts is left behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import logging
 import secrets
 import signal
 import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 import click
 from pydantic import SecretStr
@@ -33,15 +45,102 @@ from pydantic import SecretStr
 from common.addresses import split_host_port
 from common.lifecycle import EXIT_STARTUP_FAILURE
 from router.config import Settings
-from router.local.driver import LocalDrivers
+from router.local.display import log_exit, log_restart_failed, log_restarted
+from router.local.driver import DriverFailedToStart, LocalDrivers
 from router.local.java import LocalDriverError, check_java
+from router.local.restart import RestartBackoff
 from router.server import Replica, StartupError, run_async, serve_until_signal
 from router.tls import TLSConfigError, driver_dialing, server_credentials
 
-__all__ = ["UP_LISTEN", "run_up"]
+__all__ = ["UP_LISTEN", "keep_running", "run_up"]
+
+log = logging.getLogger(__name__)
 
 # A laptop's router: whoever reaches it runs code on its drivers, so only this machine may.
 UP_LISTEN = "127.0.0.1:15002"
+# How often the watcher asks each driver's process whether it exited (a non-blocking waitpid).
+EXIT_POLL_SECONDS = 0.5
+
+
+class Restartable(Protocol):
+    """What the watcher needs of a driver (router.local.driver.LocalDriver has it)."""
+
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def elapsed(self) -> float: ...
+
+    def exited(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    async def until_ready(self, timeout: float) -> None: ...
+
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+async def _exit_of(driver: Restartable, poll_interval: float) -> int:
+    """The exit code of the driver's process, once it exits (polled: Popen has no async wait)."""
+    while True:
+        code = driver.exited()
+        if code is not None:
+            return code
+        await asyncio.sleep(poll_interval)
+
+
+async def keep_running(
+    driver: Restartable,
+    stopping: Callable[[], bool],
+    *,
+    startup_timeout: float,
+    backoff: RestartBackoff | None = None,
+    poll_interval: float = EXIT_POLL_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Watch a ready driver; restart it whenever it exits, until `stopping()` or cancelled."""
+    backoff = backoff or RestartBackoff()
+    backoff.on_ready(clock())
+    while True:
+        code = await _exit_of(driver, poll_interval)
+        if stopping():
+            return  # reaped by exited(); up's own shutdown stops the rest
+        # Also kills what is left of its process group; quick, as the JVM is gone.
+        await asyncio.to_thread(driver.stop)
+        delay = backoff.on_failure(clock())
+        log_exit(driver.address, code, delay, backoff.restarts)
+        while True:
+            await sleep(delay)
+            if stopping():
+                return
+            try:
+                await asyncio.to_thread(driver.start)
+                await driver.until_ready(startup_timeout)
+            except (LocalDriverError, OSError) as exc:
+                await asyncio.to_thread(driver.stop)  # no half-started JVM between attempts
+                delay = backoff.on_failure(clock())
+                reason = exc.reason if isinstance(exc, DriverFailedToStart) else str(exc)
+                log_path = getattr(exc, "log_path", None)
+                log_restart_failed(driver.address, reason, log_path, delay, backoff.restarts)
+                continue
+            backoff.on_ready(clock())
+            log_restarted(driver.address, driver.elapsed)
+            break
+
+
+async def _watch(
+    drivers: Sequence[Restartable], stopping: Callable[[], bool], startup_timeout: float
+) -> None:
+    """keep_running for every driver; a watcher that fails unexpectedly is logged, not lost."""
+
+    async def one(driver: Restartable) -> None:
+        try:
+            await keep_running(driver, stopping, startup_timeout=startup_timeout)
+        except Exception:
+            log.exception("driver %s: not watched for restarts any more", driver.address)
+
+    await asyncio.gather(*(one(driver) for driver in drivers))
 
 
 def _check_port_free(listen: str) -> None:
@@ -129,10 +228,20 @@ def run_up(settings: Settings) -> int:
                 click.echo(f"  drivers: {', '.join(addresses)}    Ctrl-C stops everything\n")
 
             task = asyncio.ensure_future(announce())
+            watcher = asyncio.ensure_future(
+                _watch(
+                    drivers.drivers,
+                    lambda: replica.shutting_down,
+                    settings.driver_startup_timeout_seconds,
+                )
+            )
             try:
                 await serve_until_signal(replica, ready)
             finally:
                 task.cancel()
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watcher
 
         run_async(main(), settings.event_loop)
         return 0
