@@ -98,6 +98,11 @@ class Pin:
     # a response (dataplane/proxy.py): the identity a move keeps when the client never
     # sends its observed id. Not part of where calls go.
     seen_id: str | None = field(default=None, compare=False)
+    # Drivers this session moved off, the latest last. Later moves avoid them: Spark refuses
+    # a released id (SESSION_CLOSED) for the rest of a driver's life, and a driver that only
+    # hung still holds the session's old operations (a reattach there finds another run of
+    # an operation id). Not part of where calls go.
+    moved_off: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> str:

@@ -768,17 +768,17 @@ def _encode_pin(pin: Pin) -> str:
         pin.created,
         pin.moves,
     ]
-    # Only moved pins carry a token and only learned ones a seen id; older readers ignore both.
-    if pin.move_token is not None or pin.seen_id is not None:
-        fields.append(pin.move_token)
-    if pin.seen_id is not None:
-        fields.append(pin.seen_id)
-    return json.dumps(fields, separators=(",", ":"))
+    # Only moved pins carry a token and the drivers they left, only learned ones a seen id:
+    # each is written only when it or a later one is set (older readers ignore them).
+    tail: list[Any] = [pin.move_token, pin.seen_id, list(pin.moved_off) or None]
+    while tail and tail[-1] is None:
+        tail.pop()
+    return json.dumps([*fields, *tail], separators=(",", ":"))
 
 
 def _decode_pin(key: str, value: str | bytes) -> Pin:
-    fields = [*json.loads(value), None, None, None, None, None, None][:8]  # older pins: 2 to 7
-    alias, owner, created, moves, token, seen = fields[2:8]
+    fields = [*json.loads(value), None, None, None, None, None, None, None][:9]  # older: 2 to 8
+    alias, owner, created, moves, token, seen, released = fields[2:9]
     user, session_id = split_key(key)
     if user is not None:  # the key names the owner; a keyless (older) pin keeps its own
         owner = user
@@ -792,6 +792,7 @@ def _decode_pin(key: str, value: str | bytes) -> Pin:
         None if created is None else float(created),
         int(moves or 0),
         None if seen is None else str(seen),
+        tuple(str(a) for a in released or ()),
     )
 
 

@@ -53,6 +53,9 @@ from router.upstreams import Upstreams, channel_options
 
 log = logging.getLogger(__name__)
 
+# How long stop() waits for its background tasks to end once cancelled.
+_TASK_STOP_SECONDS = 5.0
+
 
 class StartupError(Exception):
     """The replica could not start (port taken, no drivers, ...); str() says why."""
@@ -331,9 +334,21 @@ class Replica:
             self._server = None
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: a task that swallows its cancel (a client library's cleanup awaiting a
+            # dead connection) must not keep a stopping replica alive.
+            ended, stuck = await asyncio.wait(self._tasks, timeout=_TASK_STOP_SECONDS)
+            for task in ended:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "background task %s failed", task.get_coro(), exc_info=task.exception()
+                    )
+            for task in stuck:
+                log.warning(
+                    "background task %s did not stop within %ss of its cancel; leaving it",
+                    task.get_coro(),
+                    _TASK_STOP_SECONDS,
+                )
         self._tasks = []
         with contextlib.suppress(RegistryUnavailable):
             await self.placement.flush()  # hand outage pins and TTLs over before leaving

@@ -147,6 +147,13 @@ class Telemetry:
             ["pool", "reason"],
             registry=r,
         )
+        self.executions_rerun = Counter(
+            "spark_router_executions_rerun",
+            "ExecutePlan streams cut off by a lost driver before the client saw anything but "
+            "execution progress, run again on the session's new driver, by pool",
+            ["pool"],
+            registry=r,
+        )
         self.sessions_released = Counter(
             "spark_router_sessions_released",
             "sessions released (ReleaseSession) through this replica, by pool",

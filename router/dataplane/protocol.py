@@ -125,6 +125,15 @@ CLONE_NEW_SESSION_FIELD = 3
 # ExecutePlanResponse.result_complete: the last message of a successful execution.
 RESULT_COMPLETE_FIELD = 14
 
+# What an ExecutePlan stream shows before its first result: ids (session 1, operation 12,
+# response 13, server-side session 15), the schema (7, Spark 4's first message) and
+# execution_progress (18, every couple of seconds while the query runs). A query cut off
+# after only these can run again elsewhere with nothing shown twice or lost (proxy.py).
+SCHEMA_FIELD = 7
+PROGRESS_FIELD = 18
+_ID_FIELDS = frozenset({1, 12, 13, 15})
+_PREAMBLE_FIELDS = _ID_FIELDS | {SCHEMA_FIELD, PROGRESS_FIELD}
+
 
 def method_for_path(path: str) -> Method | None:
     """The Method for a gRPC path of the Spark Connect service; a generic one for unknown names.
@@ -354,6 +363,15 @@ def clone_of(response: bytes) -> str | None:
     except wire.WireError:
         return None
     return new_id if new_id and _UUID.match(new_id) else None
+
+
+def preamble(response: bytes) -> frozenset[int] | None:
+    """What an ExecutePlan response carries besides ids, if only schema or progress; else None."""
+    try:
+        fields = frozenset(f[0] for f in wire.iter_fields(response))
+    except wire.WireError:
+        return None
+    return fields - _ID_FIELDS if fields <= _PREAMBLE_FIELDS else None
 
 
 def completes(response: bytes) -> bool:

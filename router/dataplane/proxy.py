@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
@@ -71,6 +71,8 @@ _DROP_EXACT = frozenset(
         "user-agent",
     }
 )
+
+_SCHEMA_ONLY = frozenset({protocol.SCHEMA_FIELD})
 
 # time_remaining() without a client deadline is effectively infinite.
 _NO_DEADLINE = 1e8
@@ -268,6 +270,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 timeout = _timeout(context)
                 key = info.key
                 self.open_streams[key] = self.open_streams.get(key, 0) + 1
+                # Before the driver has it: the call may end through another replica.
+                entry = await self.recorder.stream_entry(
+                    key, method, info.operation_id, _as_user(info, request)
+                )
                 for attempt in (1, 2):
                     call = self._dial("unary_stream", method, pin, info, request, md, timeout, obs)
                     try:
@@ -286,10 +292,21 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         )
                 if pin.server_side_id is None and pin.seen_id is None and self._learn:
                     self._learned(method, pin, response)
-                entry = self.recorder.entry(method, _as_user(info, request))
                 journal = None if entry is None else (key, entry)
+                rerun = None
+                if method.name == "ExecutePlan":
+
+                    async def rerun(cut: Pin) -> tuple[Any, Pin]:
+                        if context.cancelled():  # the client left as its driver went down
+                            raise asyncio.CancelledError
+                        moved = await self._placed(method, request, info, md, context, obs)
+                        if moved.driver == cut.driver:  # back already: it may hold the run
+                            await _abort(context, _cut_off(cut))
+                        args = (method, moved, info, request, md, _timeout(context), obs)
+                        return self._dial("unary_stream", *args), moved
+
                 async for message in self._relay_stream(
-                    context, call, pin, method, obs, response, journal
+                    context, call, pin, method, obs, response, journal, rerun
                 ):
                     yield message
             finally:
@@ -656,26 +673,74 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs: CallObservation,
         first: Any = None,
         journal: tuple[str, bytes] | None = None,
+        rerun: Callable[[Pin], Awaitable[tuple[Any, Pin]]] | None = None,
     ) -> AsyncIterator[bytes]:
         """Relay a response stream one message at a time (`first` already read), then trailers.
 
         `journal` (session, entry) is a state-building call's journal entry: appended when its
         result is complete, before the client sees that: pyspark may end the call right then,
         which would cancel anything this handler meant to do after its last message.
+
+        `rerun` starts the same call again on the session's next driver. It is used once, when
+        the driver dies (or is cut off) before the client saw anything but the schema and
+        execution progress: a client would otherwise reattach to an operation the new driver
+        never heard of, and pyspark refuses to run it again once it received any response
+        (RESPONSE_ALREADY_RECEIVED). The new run's schema is not shown twice.
         """
         alias = pin.server_side_id
+        # No result shown yet (None once one was, or without a rerun): what was shown instead.
+        shown: set[int] | None = set() if rerun is not None else None
+        rerunning = False
         try:
             initial = await call.initial_metadata()
             if initial:
                 await _send_initial(context, initial)
             response = first if first is not None else await call.read()
             obs.first_response()
-            while response is not grpc.aio.EOF:
-                obs.bytes_to_client += len(response)
-                if journal is not None and protocol.completes(response):
-                    await self.recorder.append(*journal)
-                    journal = None
-                yield response if alias is None else protocol.for_client(method, alias, response)
+            while True:
+                try:
+                    while response is not grpc.aio.EOF:
+                        obs.bytes_to_client += len(response)
+                        if shown is not None:
+                            carried = protocol.preamble(response)
+                            if carried is None:
+                                shown = None
+                            elif rerunning and carried == _SCHEMA_ONLY <= shown:
+                                # The client has its schema: a second one breaks pyspark's
+                                # toLocalIterator (it asserts there is one).
+                                response = await call.read()
+                                continue
+                            else:
+                                shown |= carried
+                        if journal is not None and protocol.completes(response):
+                            await self.recorder.append(*journal)
+                            journal = None
+                        yield (
+                            response
+                            if alias is None
+                            else protocol.for_client(method, alias, response)
+                        )
+                        response = await call.read()
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if shown is None or rerunning or not await self._driver_died(exc, pin):
+                        raise
+                except asyncio.CancelledError:
+                    if shown is None or rerunning or not self._was_cut(pin):
+                        raise
+                assert rerun is not None  # shown starts as a set only with a rerun
+                rerunning = True  # once: a second driver lost ends the call
+                call.cancel()
+                lost = pin.driver
+                call, pin = await rerun(pin)
+                self._telemetry.executions_rerun.labels(pin.pool).inc()
+                log.info(
+                    "session %s: ExecutePlan cut off with %s, running it again on %s",
+                    pin.session_id,
+                    lost,
+                    pin.driver,
+                )
+                alias = pin.server_side_id
                 response = await call.read()
             trailing = await call.trailing_metadata()
             if trailing:

@@ -7,7 +7,10 @@ calls succeed.
 Invariants:
 - Only successful calls are journaled, in the order they succeeded. A state-building result
   stream is journaled on its `result_complete` message, before the client sees that message:
-  pyspark may end the call right then, which would cancel anything done after it.
+  pyspark may end the call right then, which would cancel anything done after it. One that
+  names its operation is journaled as STARTED before it reaches the driver and COMPLETED
+  on that message, by this replica or by the one a reattaching client reached after this
+  one died (`stream_entry`; journal.settle pairs the two).
 - AddArtifacts client streams are kept (`Tape`) up to `journal_max_bytes`; over it, an entry
   just over the cap marks the journal overflowed, which is sticky: the session moves strictly.
 - A registry outage loses neither the call nor the entry: entries that could not be written
@@ -61,6 +64,23 @@ class Recorder:
             return None
         return journal.JournalEntry(method.name, request).encode()
 
+    async def stream_entry(
+        self, session_id: str, method: Method, operation_id: str | None, request: bytes
+    ) -> bytes | None:
+        """What a result stream journals once its result is complete (None: nothing).
+
+        A state-building ExecutePlan that names its operation gets its STARTED mark journaled
+        now and journals its COMPLETED mark then; so does any ReattachExecute, which may be
+        the end of such a call begun through a replica that died (journal.settle pairs them).
+        """
+        if method.name == "ReattachExecute":
+            return None if operation_id is None else journal.completed(operation_id)
+        entry = self.entry(method, request)
+        if entry is None or operation_id is None or method.name != "ExecutePlan":
+            return entry
+        await self.append(session_id, journal.started(entry))
+        return journal.completed(operation_id)
+
     async def record(self, session_id: str, method: Method, request: bytes) -> None:
         """Journal a successful unary call that built session state."""
         entry = self.entry(method, request)
@@ -90,7 +110,7 @@ class Recorder:
         if entries is None:  # the source outgrew its journal: so does the clone
             await self.append(clone, bytes(self.max_bytes + 1))
             return
-        for raw in entries:
+        for raw in journal.settle(entries):  # what runs in the source now is not the clone's
             try:
                 entry = journal.for_session(raw, clone_id)
             except (ValueError, wire.WireError):  # a damaged entry: the clone moves strictly

@@ -40,7 +40,10 @@ Invariants:
   never raises on malformed input (it returns None).
 - Callers append an entry only after its call succeeded, in the order the calls completed,
   and replay in that order, so later calls (a RESET, a DROP, a second `SET k`) override
-  earlier ones exactly as they did on the first driver.
+  earlier ones exactly as they did on the first driver. The one exception is a state-building
+  ExecutePlan that names its operation: its STARTED mark goes in first, its COMPLETED mark
+  when any replica sees the result complete, and `settle` (run before every replay) puts
+  the call at its completion's place, or leaves it out if it never completed.
 - `for_replay` sends the request as it was, minus what ties it to the old driver:
   `operation_id` and `request_options` (a replay is not reattachable and needs no
   ReleaseExecute) and `client_observed_server_side_session_id` (the new driver has a fresh
@@ -66,7 +69,18 @@ from typing import cast
 from router.dataplane import wire
 from router.dataplane.protocol import METHODS
 
-__all__ = ["DEFAULT_CAP", "PEEK_BYTES", "JournalEntry", "classify", "for_replay"]
+__all__ = [
+    "COMPLETED",
+    "DEFAULT_CAP",
+    "PEEK_BYTES",
+    "STARTED",
+    "JournalEntry",
+    "classify",
+    "completed",
+    "for_replay",
+    "settle",
+    "started",
+]
 
 DEFAULT_CAP = 4 * 1024 * 1024  # bytes of encoded entries per session
 PEEK_BYTES = 64 * 1024  # most bytes of a compressed Command decompressed to classify it
@@ -501,6 +515,56 @@ class JournalEntry:
 
 
 ARTIFACTS = "AddArtifacts"
+
+# A state-building ExecutePlan's end may be seen by another replica than its start: the
+# client reattached there (ReattachExecute) after the first replica died. So such a call,
+# when it names its operation, is journaled in two parts: STARTED (the request) as it goes to
+# the driver, COMPLETED (its operation id) by whichever replica sees the result complete.
+# `settle` keeps a started call only once completed, at the completion's place in the order.
+STARTED = "ExecutePlan.started"
+COMPLETED = "ExecutePlan.completed"
+
+
+def started(entry: bytes) -> bytes:
+    """The STARTED mark of an ExecutePlan entry (JournalEntry.encode) that names its operation."""
+    return JournalEntry(STARTED, JournalEntry.decode(entry).request).encode()
+
+
+def completed(operation_id: str) -> bytes:
+    """The COMPLETED mark of an operation."""
+    return JournalEntry(COMPLETED, operation_id.encode("utf-8")).encode()
+
+
+def operation_of(request: bytes) -> str | None:
+    """The operation id an ExecutePlan request names, if any."""
+    try:
+        return wire.read_string(request, _EP_OPERATION_ID) or None
+    except (wire.WireError, UnicodeDecodeError):
+        return None
+
+
+def settle(entries: Sequence[bytes]) -> list[bytes]:
+    """The entries to replay: each completed STARTED call as a plain ExecutePlan entry, at its
+    COMPLETED mark; started calls never completed (failed, or still running) left out."""
+    out: list[bytes] = []
+    running: dict[str, bytes] = {}
+    for raw in entries:
+        try:
+            entry = JournalEntry.decode(raw)
+        except ValueError:
+            out.append(raw)  # damaged: the replay fails on it, honestly
+            continue
+        if entry.method == STARTED:
+            operation = operation_of(entry.request)
+            if operation is not None:
+                running[operation] = entry.request
+        elif entry.method == COMPLETED:
+            request = running.pop(entry.request.decode("utf-8", "replace"), None)
+            if request is not None:
+                out.append(JournalEntry("ExecutePlan", request).encode())
+        else:
+            out.append(raw)
+    return out
 
 
 def frame(messages: Sequence[bytes]) -> bytes:

@@ -115,6 +115,9 @@ class Release(enum.Enum):
     AWAIT = "await"  # an operator's move: the answer means the old driver let it go
 
 
+# The most drivers a pin remembers its session moved off (the latest kept).
+MAX_MOVED_OFF = 8
+
 _RELEASES = {
     Reason.DRIVER_DOWN: Release.NONE,
     Reason.DRAIN: Release.BACKGROUND,
@@ -221,7 +224,8 @@ class Mover:
         metadata: Metadata,
     ) -> tuple[Pin, bool]:
         if target is None:
-            target = choose(pin.session_id, pin.pool, self._placement.rings, avoid=pin.driver)
+            rings = self._placement.rings
+            target = choose(pin.session_id, pin.pool, rings, pin.driver, pin.moved_off)
         elif not self._placement.is_live(target):
             raise NoLiveDriver(f"driver {target} is down")
         current = await self._current(pin)
@@ -234,6 +238,8 @@ class Mover:
         entries = None
         if self._migration == "replay":
             entries = await self._registry.journal(pin.key)
+            if entries is not None:
+                entries = journal.settle(entries)
             if (
                 entries is not None
                 and reason is Reason.ADMIN
@@ -243,12 +249,14 @@ class Mover:
         decided = plan(pin, reason, self._migration, entries, observed)
         if decided is None:
             return pin, False
+        moved_off = (*(a for a in pin.moved_off if a != pin.driver), pin.driver)[-MAX_MOVED_OFF:]
         new = replace(
             pin,
             driver=target,
             server_side_id=decided.alias,
             move_token=uuid.uuid4().hex,  # tells this move's pin from a racing replica's
             moves=pin.moves + 1,
+            moved_off=moved_off,
         )
         winner, moved_here = await self._placement.move(pin, new)
         if not moved_here:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from registry.base import Registry, RegistryUnavailable
@@ -33,9 +33,23 @@ from router.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 
-def choose(session_id: str, pool: str, rings: Rings, avoid: str | None = None) -> str:
-    """The driver a new (or moving) session goes to; raise if the pool has no driver for it."""
-    address = rings.pick(pool, session_id, avoid)
+def choose(
+    session_id: str,
+    pool: str,
+    rings: Rings,
+    avoid: str | None = None,
+    closed: Collection[str] = (),
+) -> str:
+    """The driver a new (or moving) session goes to; raise if the pool has no driver for it.
+
+    `closed` are drivers the session moved off (Pin.moved_off): it goes back to one only when
+    nothing else is left (one released the id, or still runs its old operations).
+    """
+    address = None
+    if closed:
+        address = rings.pick(pool, session_id, {*closed, *(() if avoid is None else (avoid,))})
+    if address is None:
+        address = rings.pick(pool, session_id, avoid)
     if address is None:
         if pool not in rings.pools:
             known = ", ".join(sorted(rings.pools)) or "none"

@@ -9,7 +9,7 @@ adding a driver moves nobody.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -47,13 +47,14 @@ class Rings:
         """Pools that have at least one driver (in any state)."""
         return frozenset(d.pool for d in self.drivers.values())
 
-    def pick(self, pool: str, key: str, avoid: str | None = None) -> str | None:
-        """The driver a new session `key` goes to in `pool` (not `avoid`); None if none is live."""
+    def pick(self, pool: str, key: str, avoid: str | Collection[str] | None = None) -> str | None:
+        """The driver a new session `key` goes to in `pool` (none of `avoid`); None if none is."""
         ring = self._rings.get(pool)
         if ring is None:
             return None
+        avoided = (avoid,) if isinstance(avoid, str) else avoid or ()
         node: str = ring.get_node(key)
-        if node != avoid:
+        if node not in avoided:
             return node
         # The next distinct driver along the ring: where the session would go without it.
-        return next((n for n in ring.iterate_nodes(key, distinct=True) if n != avoid), None)
+        return next((n for n in ring.iterate_nodes(key, distinct=True) if n not in avoided), None)

@@ -52,14 +52,6 @@ def test_an_op_counts_for_the_latest_fault_whose_window_it_overlaps() -> None:
 
 @pytest.mark.own_drivers
 @pytest.mark.timeout(TIMEOUT + 60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="known router gaps the soak found (issue 12 note, 2026-12-03): RESPONSE_ALREADY_"
-    "RECEIVED for queries cut by a dead driver after Spark's progress messages; a session "
-    "drained off a driver and moved back to it is SESSION_CLOSED; a temp view made while its "
-    "replica was killed is not journaled; INVALID_CURSOR after a move A->B->A. strict: the "
-    "day the soak passes, this marker must go",
-)
 def test_two_minutes_of_chaos_lose_no_operation(tmp_path: Path) -> None:
     out = tmp_path / "chaos.json"
     args = [sys.executable, "-m", "loadtest.chaos", "--minutes", "2", "--every", "15"]

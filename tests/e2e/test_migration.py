@@ -347,6 +347,54 @@ def test_a_query_in_flight_on_a_hung_driver_is_cut_and_rerun_at_once(
         router.stop()
 
 
+class _Progress:
+    """A pyspark progress handler that notes the first report of a query still running."""
+
+    def __init__(self) -> None:
+        self.seen = threading.Event()
+
+    def __call__(self, stages: Any, inflight_tasks: int, operation_id: Any, done: bool) -> None:
+        # Reports with done=True close every execution, spark.sql()'s own command included.
+        if not done and inflight_tasks > 0:
+            self.seen.set()
+
+
+@pytest.mark.parametrize(("fault", "fetch"), [("SIGKILL", "collect"), ("SIGSTOP", "iterate")])
+def test_a_query_that_reported_progress_runs_again_when_its_driver_is_lost(
+    drivers: LocalDrivers, fault: str, fetch: str
+) -> None:
+    """Spark 4 reports progress every 2 s; pyspark will not rerun a query once it got any.
+
+    The router runs it again on the new driver inside the same call: the client never sees
+    the cut, where it would otherwise fail RESPONSE_ALREADY_RECEIVED.
+    """
+    router = Router(drivers)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "9")
+        progress = _Progress()
+        spark.registerProgressHandler(progress)
+        victim = _victim_of(drivers, spark)
+        assert victim.process is not None
+        df = spark.sql(_STALLED.format(ms=8000))
+        # toLocalIterator asserts it gets one schema: the rerun's is not shown again.
+        query = _InFlight(
+            router, df.collect if fetch == "collect" else lambda: [*df.toLocalIterator()]
+        )
+        assert progress.seen.wait(30), "no progress message reached the client"
+        if fault == "SIGKILL":
+            _kill(victim)
+        else:
+            os.kill(victim.process.pid, signal.SIGSTOP)
+        assert len(query.result(120)) == 1000
+        assert router.metric("spark_router_executions_rerun_total") == 1, router.log()[-3000:]
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "9"
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        router.stop()
+
+
 def test_twenty_sessions_of_a_dead_driver_each_move_once(drivers: LocalDrivers) -> None:
     router = Router(drivers)
     rings = Rings.build([Driver(a) for a in drivers.addresses])

@@ -22,6 +22,8 @@ from registry import open_registry
 from registry.models import DrainMode, Driver, Pin
 from router.config import Settings, load_settings
 from router.server import Replica
+from router.sessions import journal
+from router.sessions.journal import JournalEntry
 from tests.helpers import eventually, spawn, stop
 from tests.redis_server import RedisServer
 
@@ -134,6 +136,32 @@ async def test_drivers_from_the_registry_and_a_joining_driver_moves_nobody(
             assert new_port in later
     finally:
         await admin.close()
+
+
+async def test_a_temp_view_whose_call_ends_through_another_replica_is_journaled(
+    redis_url: str, fake_drivers: list[FakeDriver]
+) -> None:
+    """The replica that started the call dies; the client reattaches through another one."""
+    replicas = [Replica(_settings(redis_url, [fake_drivers[0].address])) for _ in range(2)]
+    async with Cluster(replicas) as cluster:
+        a, b = cluster.stubs
+        s, op = str(uuid.uuid4()), str(uuid.uuid4())
+        req = base_pb2.ExecutePlanRequest(session_id=s, operation_id=op)
+        req.plan.command.create_dataframe_view.name = "v"
+        req.plan.command.create_dataframe_view.input.range.end = 3
+        call = a.ExecutePlan(req, metadata=(("x-fake-batches", "3"),), timeout=10)
+        first = await call.read()
+        call.cancel()  # gone before the result completed, as with its replica killed
+        reattach = base_pb2.ReattachExecuteRequest(
+            session_id=s, operation_id=op, last_response_id=first.response_id
+        )
+        responses = [r async for r in b.ReattachExecute(reattach, timeout=10)]
+        assert responses[-1].HasField("result_complete")
+        entries = await cluster.replicas[1].registry.journal(s)
+        assert entries is not None
+        settled = [JournalEntry.decode(e) for e in journal.settle(entries)]
+        assert [e.method for e in settled] == ["ExecutePlan"]
+        assert base_pb2.ExecutePlanRequest.FromString(settled[0].request).plan == req.plan
 
 
 async def test_10000_new_sessions_spread_evenly_and_by_weight(

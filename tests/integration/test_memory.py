@@ -70,6 +70,10 @@ class Peak:
         self.value = max(self.value, self.rss())
 
 
+# A p50 this slow, for calls that take ~2 ms alone, means other clients wait behind the storm.
+STARVED_MS = 100.0
+
+
 def _config(session: str) -> bytes:
     req = base_pb2.ConfigRequest(session_id=session)
     req.operation.get.keys.append("spark.connect.grpc.binding.port")
@@ -128,7 +132,9 @@ async def test_a_slow_reader_storm_stays_in_budget_and_other_clients_are_served(
                 f"documented budget {budget / MiB:.0f} MiB"
             )
             # Before the fixed windows: ~1.2 GB held; the budget above allows ~640 MiB.
-            assert loaded <= 3 * unloaded, f"p50 {loaded:.2f} ms loaded, {unloaded:.2f} ms not"
+            # Served, not starved (before: 540 ms). A coarse bound, not a latency measure: the
+            # ratio to the unloaded p50 swings 1-8x with what else this 2-core machine runs.
+            assert loaded <= STARVED_MS, f"p50 {loaded:.2f} ms loaded, {unloaded:.2f} ms not"
             # Memory goes back to the system (memory_trim_seconds, 10 s by default).
             rss = psutil.Process(router.pid).memory_info
             wait_until(

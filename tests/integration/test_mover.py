@@ -188,6 +188,8 @@ async def test_a_drained_session_moves_and_its_old_driver_releases_it_in_the_bac
         metadata=[("x-moved-by", "a-call")],
     )
     assert moved_here and (pin.driver, pin.server_side_id) == (other.address, original)
+    # Spark refuses a released id for good: the pin remembers where, for later moves to avoid.
+    assert (await _pin(env.replica, s)).moved_off == (home.address,)
     assert await _confs_on(other, s) == CONFS
     # The move returned; the release is on its way and still held by the old driver.
     await eventually(lambda: "ReleaseSession" in home.held, "the release to reach the old driver")

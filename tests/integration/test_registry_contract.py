@@ -211,6 +211,21 @@ async def test_a_learned_server_side_id_is_kept_and_announced(
     assert event.pin is not None and event.pin.seen_id == "srv-1"
 
 
+async def test_the_drivers_a_session_was_moved_off_survive_the_store(
+    store: Harness, listen: Listen
+) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    heard = await listen(other)
+    await reg.bind(Pin("s1", "d1:1"))
+    left = Pin("s1", "d2:1", server_side_id="srv-1", move_token="t", moved_off=("d1:1",))
+    assert await reg.move("s1", "d1:1", left) == left
+    found = await other.get_pin("s1")
+    assert found is not None and found.moved_off == ("d1:1",) and found.seen_id is None
+    event = await heard.next()
+    assert event.pin is not None and event.pin.moved_off == ("d1:1",)
+
+
 async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:
     reg = await store.open()
     other = await store.peer(reg)

@@ -628,3 +628,34 @@ async def test_tape_keeps_a_stream_up_to_the_cap_only() -> None:
     tape = _Tape(10)
     assert [len(m) async for m in tape.record(stream([4, 6, 1]))] == [4, 6, 1]  # all forwarded
     assert tape.overflowed and tape.messages == []  # nothing half-kept
+
+
+def _view_request(operation: str | None) -> bytes:
+    req = base_pb2.ExecutePlanRequest(session_id="s")
+    if operation is not None:
+        req.operation_id = operation
+    req.plan.command.create_dataframe_view.name = "v"
+    req.plan.command.create_dataframe_view.input.range.end = 3
+    return bytes(req.SerializeToString())
+
+
+def test_a_started_call_counts_once_completed_at_its_completion_and_never_otherwise() -> None:
+    conf = JournalEntry("Config", b"conf").encode()
+    first, second, failed = (
+        JournalEntry("ExecutePlan", _view_request(op)).encode() for op in "abc"
+    )
+    entries = [
+        journal.started(first),
+        journal.started(failed),  # ended in an error: never completed
+        conf,
+        journal.started(second),
+        journal.completed("b"),
+        journal.completed("a"),  # completed after the other one: replayed after it
+        journal.completed("zz"),  # an operation that built nothing (any reattached query)
+        journal.completed("a"),  # the same end seen twice (a stream cut, then reattached)
+    ]
+    assert journal.settle(entries) == [conf, second, first]
+    assert journal.settle([journal.started(first)]) == []  # still running: not yet state
+    assert journal.settle([b"\x09damaged", conf]) == [b"\x09damaged", conf]  # fails honestly
+    assert journal.operation_of(_view_request("op-1")) == "op-1"
+    assert journal.operation_of(_view_request(None)) is None

@@ -102,6 +102,20 @@ def test_choose_explains_unknown_and_empty_pools() -> None:
         choose("s", "etl", rings)
 
 
+def test_a_move_avoids_drivers_that_released_the_session_until_nothing_else_is_left() -> None:
+    drivers = [Driver(f"127.0.0.1:{p}") for p in (1, 2, 3)]
+    rings = Rings.build(drivers)
+    # Sessions whose next driver along the ring (leaving :1) would be :2, a closed one.
+    sessions = [f"s{i}" for i in range(400) if rings.pick("default", f"s{i}", "127.0.0.1:1")]
+    to_two = [s for s in sessions if rings.pick("default", s, "127.0.0.1:1") == "127.0.0.1:2"]
+    assert to_two
+    for s in to_two:
+        assert choose(s, "default", rings, "127.0.0.1:1", ("127.0.0.1:2",)) == "127.0.0.1:3"
+    # Only closed drivers left: the session goes to one of them rather than nowhere.
+    two = Rings.build(drivers[:2])
+    assert choose("s", "default", two, "127.0.0.1:1", ("127.0.0.1:2",)) == "127.0.0.1:2"
+
+
 def test_no_live_driver_names_the_pools_drivers_and_their_states() -> None:
     rings = Rings.build(
         [

@@ -126,3 +126,34 @@ def test_disagreeing_header_and_body_are_quoted_cut_short() -> None:
     with pytest.raises(BadRequest, match="name different sessions") as e:
         protocol.identify(CONFIG, {"x-spark-session-id": "h" * 15_000}, _config(S1))
     assert len(str(e.value)) < 400
+
+
+def test_the_preamble_fields_match_pyspark_names() -> None:
+    d = base_pb2.ExecutePlanResponse.DESCRIPTOR
+    assert _field(d, "schema") == protocol.SCHEMA_FIELD
+    assert _field(d, "execution_progress") == protocol.PROGRESS_FIELD
+    assert _field(d, "result_complete") == protocol.RESULT_COMPLETE_FIELD
+
+
+def _response(**fields: object) -> bytes:
+    ids = {
+        "session_id": "s",
+        "operation_id": "o",
+        "response_id": "r",
+        "server_side_session_id": "x",
+    }
+    return bytes(base_pb2.ExecutePlanResponse(**ids, **fields).SerializeToString())
+
+
+def test_schema_and_progress_come_before_results_and_nothing_else_does() -> None:
+    progress = base_pb2.ExecutePlanResponse.ExecutionProgress(num_inflight_tasks=3)
+    schema = {"schema": {"struct": {}}}
+    assert protocol.preamble(_response(execution_progress=progress)) == {protocol.PROGRESS_FIELD}
+    assert protocol.preamble(_response(**schema)) == {protocol.SCHEMA_FIELD}  # type: ignore[arg-type]
+    assert protocol.preamble(_response()) == frozenset()
+    batch = base_pb2.ExecutePlanResponse.ArrowBatch(row_count=1, data=b"x")
+    assert protocol.preamble(_response(arrow_batch=batch)) is None
+    assert protocol.preamble(_response(result_complete={})) is None  # type: ignore[arg-type]
+    assert protocol.preamble(_response(sql_command_result={})) is None  # type: ignore[arg-type]
+    assert protocol.preamble(_response(metrics={})) is None  # type: ignore[arg-type]
+    assert protocol.preamble(b"\xff\xff") is None  # malformed: never taken for a preamble

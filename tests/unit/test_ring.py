@@ -80,3 +80,15 @@ def test_pick_can_avoid_a_driver_and_then_takes_the_next_along_the_ring() -> Non
         assert rings.pick("default", key, avoid=first) == other
     alone = Rings.build([Driver("10.0.0.1:15002")])
     assert alone.pick("default", "s", avoid="10.0.0.1:15002") is None
+
+
+def test_pick_can_avoid_several_drivers() -> None:
+    rings = Rings.build([Driver(f"10.0.0.{i}:15002") for i in range(1, 4)])
+    for key in (f"s{i}" for i in range(50)):
+        first = rings.pick("default", key)
+        assert first is not None
+        second = rings.pick("default", key, avoid=first)
+        assert second is not None
+        third = rings.pick("default", key, avoid={first, second})
+        assert third not in (None, first, second)
+        assert rings.pick("default", key, avoid={first, second, third}) is None
