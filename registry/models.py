@@ -103,6 +103,9 @@ class Pin:
     # hung still holds the session's old operations (a reattach there finds another run of
     # an operation id). Not part of where calls go.
     moved_off: tuple[str, ...] = field(default=(), compare=False)
+    # Of those, the ones told to release it (a drain, an operator's move): never chosen again
+    # while any other driver is left, since the refusal there is certain.
+    released_on: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> str:

@@ -770,15 +770,20 @@ def _encode_pin(pin: Pin) -> str:
     ]
     # Only moved pins carry a token and the drivers they left, only learned ones a seen id:
     # each is written only when it or a later one is set (older readers ignore them).
-    tail: list[Any] = [pin.move_token, pin.seen_id, list(pin.moved_off) or None]
+    tail: list[Any] = [
+        pin.move_token,
+        pin.seen_id,
+        list(pin.moved_off) or None,
+        list(pin.released_on) or None,
+    ]
     while tail and tail[-1] is None:
         tail.pop()
     return json.dumps([*fields, *tail], separators=(",", ":"))
 
 
 def _decode_pin(key: str, value: str | bytes) -> Pin:
-    fields = [*json.loads(value), None, None, None, None, None, None, None][:9]  # older: 2 to 8
-    alias, owner, created, moves, token, seen, released = fields[2:9]
+    fields = [*json.loads(value), *([None] * 8)][:10]  # older pins: 2 to 9 elements
+    alias, owner, created, moves, token, seen, left, released = fields[2:10]
     user, session_id = split_key(key)
     if user is not None:  # the key names the owner; a keyless (older) pin keeps its own
         owner = user
@@ -792,6 +797,7 @@ def _decode_pin(key: str, value: str | bytes) -> Pin:
         None if created is None else float(created),
         int(moves or 0),
         None if seen is None else str(seen),
+        tuple(str(a) for a in left or ()),
         tuple(str(a) for a in released or ()),
     )
 

@@ -270,6 +270,17 @@ class Replica:
             for service in (grpc_health.OVERALL_HEALTH, protocol.SERVICE):
                 await self.grpc_health.set(service, status)  # ignored once shutdown began
 
+    def driver_restarted(self, address: str) -> None:
+        """A driver's process exited and starts again on its address (`up`): its sessions lost
+        their state there, and each rebuilds it (a replay) on its next call."""
+        count = self.placement.lost_state(address)
+        if count:
+            log.info(
+                "driver %s lost its state: %d session(s) rebuild it on their next call",
+                address,
+                count,
+            )
+
     @property
     def probe_targets(self) -> tuple[Driver, ...]:
         """Every member as announced, down ones too (probed to see them recover)."""

@@ -491,6 +491,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     info.session_id, info.pool, info.user or None, claim=self._auth is not None
                 )
                 if self._placement.is_live(pin.driver):
+                    if pin.key in self._placement.stale:
+                        return await self._rebuilt(method, info, md, pin, obs)
                     if pin.driver in self._placement.move_idle:
                         return await self._move_idle(method, info, md, pin, obs)
                     return await self._connected(pin, waited)
@@ -519,6 +521,29 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         if waited:
             await self._upstreams.ready(pin.driver, self._settings.no_driver_wait_seconds)
         return pin
+
+    async def _rebuilt(
+        self,
+        method: Method,
+        info: RequestInfo,
+        md: list[tuple[str, str | bytes]],
+        pin: Pin,
+        obs: CallObservation,
+    ) -> Pin:
+        """A session whose driver restarted on its address: its state replayed there first.
+
+        As a move from a dead driver, onto the same address: its identity kept, its journal
+        replayed, so the client carries on instead of getting SESSION_CHANGED.
+        """
+        if method.name in protocol.NOTHING_TO_MOVE:
+            return pin  # a release rebuilds nothing; the session stays marked
+        # The probe that found the driver back used a channel of its own (see _connected).
+        await self._upstreams.ready(pin.driver, self._settings.no_driver_wait_seconds)
+        new, obs.moved = await self._mover.move(
+            pin, Reason.DRIVER_DOWN, observed=info.observed_id, target=pin.driver, metadata=md
+        )
+        self._placement.stale.discard(pin.key)  # also when the mover left it (strict, overflow)
+        return new
 
     async def _move_idle(
         self,

@@ -98,14 +98,19 @@ async def keep_running(
     poll_interval: float = EXIT_POLL_SECONDS,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    lost: Callable[[str], None] = lambda address: None,
 ) -> None:
-    """Watch a ready driver; restart it whenever it exits, until `stopping()` or cancelled."""
+    """Watch a ready driver; restart it whenever it exits, until `stopping()` or cancelled.
+
+    `lost(address)` is told of each exit: the sessions pinned there lost their state.
+    """
     backoff = backoff or RestartBackoff()
     backoff.on_ready(clock())
     while True:
         code = await _exit_of(driver, poll_interval)
         if stopping():
             return  # reaped by exited(); up's own shutdown stops the rest
+        lost(driver.address)
         # Also kills what is left of its process group; quick, as the JVM is gone.
         await asyncio.to_thread(driver.stop)
         delay = backoff.on_failure(clock())
@@ -129,14 +134,17 @@ async def keep_running(
             break
 
 
-async def _watch(
-    drivers: Sequence[Restartable], stopping: Callable[[], bool], startup_timeout: float
-) -> None:
+async def _watch(drivers: Sequence[Restartable], replica: Replica, startup_timeout: float) -> None:
     """keep_running for every driver; a watcher that fails unexpectedly is logged, not lost."""
+
+    def stopping() -> bool:
+        return replica.shutting_down
 
     async def one(driver: Restartable) -> None:
         try:
-            await keep_running(driver, stopping, startup_timeout=startup_timeout)
+            await keep_running(
+                driver, stopping, startup_timeout=startup_timeout, lost=replica.driver_restarted
+            )
         except Exception:
             log.exception("driver %s: not watched for restarts any more", driver.address)
 
@@ -229,11 +237,7 @@ def run_up(settings: Settings) -> int:
 
             task = asyncio.ensure_future(announce())
             watcher = asyncio.ensure_future(
-                _watch(
-                    drivers.drivers,
-                    lambda: replica.shutting_down,
-                    settings.driver_startup_timeout_seconds,
-                )
+                _watch(drivers.drivers, replica, settings.driver_startup_timeout_seconds)
             )
             try:
                 await serve_until_signal(replica, ready)

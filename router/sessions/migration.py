@@ -115,8 +115,14 @@ class Release(enum.Enum):
     AWAIT = "await"  # an operator's move: the answer means the old driver let it go
 
 
-# The most drivers a pin remembers its session moved off (the latest kept).
+# The most drivers a pin remembers its session moved off, or released on (the latest kept).
 MAX_MOVED_OFF = 8
+
+
+def _latest(drivers: tuple[str, ...], address: str) -> tuple[str, ...]:
+    """`drivers` with `address` as its latest, at most MAX_MOVED_OFF of them."""
+    return (*(a for a in drivers if a != address), address)[-MAX_MOVED_OFF:]
+
 
 _RELEASES = {
     Reason.DRIVER_DOWN: Release.NONE,
@@ -225,7 +231,9 @@ class Mover:
     ) -> tuple[Pin, bool]:
         if target is None:
             rings = self._placement.rings
-            target = choose(pin.session_id, pin.pool, rings, pin.driver, pin.moved_off)
+            target = choose(
+                pin.session_id, pin.pool, rings, pin.driver, pin.moved_off, pin.released_on
+            )
         elif not self._placement.is_live(target):
             raise NoLiveDriver(f"driver {target} is down")
         current = await self._current(pin)
@@ -249,7 +257,11 @@ class Mover:
         decided = plan(pin, reason, self._migration, entries, observed)
         if decided is None:
             return pin, False
-        moved_off = (*(a for a in pin.moved_off if a != pin.driver), pin.driver)[-MAX_MOVED_OFF:]
+        moved_off, released_on = pin.moved_off, pin.released_on
+        if target != pin.driver:  # not a rebuild on a restarted driver (Proxy._rebuilt)
+            moved_off = _latest(moved_off, pin.driver)
+            if decided.release is not Release.NONE:
+                released_on = _latest(released_on, pin.driver)
         new = replace(
             pin,
             driver=target,
@@ -257,6 +269,7 @@ class Mover:
             move_token=uuid.uuid4().hex,  # tells this move's pin from a racing replica's
             moves=pin.moves + 1,
             moved_off=moved_off,
+            released_on=released_on,
         )
         winner, moved_here = await self._placement.move(pin, new)
         if not moved_here:

@@ -39,15 +39,21 @@ def choose(
     rings: Rings,
     avoid: str | None = None,
     closed: Collection[str] = (),
+    refused: Collection[str] = (),
 ) -> str:
     """The driver a new (or moving) session goes to; raise if the pool has no driver for it.
 
-    `closed` are drivers the session moved off (Pin.moved_off): it goes back to one only when
-    nothing else is left (one released the id, or still runs its old operations).
+    `closed` are drivers the session moved off (Pin.moved_off), `refused` those of them that
+    released it (Pin.released_on). It goes back to a closed one only when nothing else is
+    left (it may still run the session's old operations), and to a refused one only when
+    nothing at all is (Spark refuses a released id there for the rest of the driver's life).
     """
+    current = () if avoid is None else (avoid,)
     address = None
-    if closed:
-        address = rings.pick(pool, session_id, {*closed, *(() if avoid is None else (avoid,))})
+    for also in (closed, refused) if closed else ():
+        address = rings.pick(pool, session_id, {*also, *current})
+        if address is not None:
+            break
     if address is None:
         address = rings.pick(pool, session_id, avoid)
     if address is None:
@@ -118,6 +124,10 @@ class PinCache:
             self._count(old, -1)
         return old
 
+    def keys_on(self, address: str) -> list[str]:
+        """The keys of the cached sessions pinned to a driver."""
+        return [key for key, pin in self._pins.items() if pin.driver == address]
+
     def __len__(self) -> int:
         return len(self._pins)
 
@@ -149,6 +159,8 @@ class Placement:
         self.telemetry = telemetry or Telemetry()
         self._active: set[str] = set()  # sessions used since the last flush
         self._pending: dict[str, Pin] = {}  # placed while the registry was down
+        # Sessions whose driver's process exited under them (lost_state), bounded by the cache.
+        self.stale: set[str] = set()
         self._learned: dict[str, Pin] = {}  # pins whose seen id waits to be written
         self.degraded = False
         self.move_idle: frozenset[str] = frozenset()  # drivers drained with move-idle
@@ -158,8 +170,17 @@ class Placement:
         self.rings = rings
         self.move_idle = move_idle
 
+    def lost_state(self, address: str) -> int:
+        """Mark the cached sessions of a driver whose process exited (up restarts it on the
+        same address): each is rebuilt there on its next call (dataplane/proxy.py). How many."""
+        keys = self.cache.keys_on(address)
+        self.stale.update(keys)
+        return len(keys)
+
     def known(self, key: str) -> Pin | None:
         """The cached pin of a known session key (TTL refreshed in the next batch), else None."""
+        if self.stale and key in self.stale:
+            return None  # the slow path rebuilds it first
         pin = self.cache.get(key)
         if pin is not None:
             self._active.add(key)
@@ -299,6 +320,7 @@ class Placement:
         if winner is None:  # the pin expired or was released meanwhile: bind afresh
             winner = await self._registry.bind(new)
         self.cache.put(winner)
+        self.stale.discard(pin.key)  # moved, or followed another replica's move: rebuilt
         return winner, winner == new
 
     async def release(self, key: str) -> None:
@@ -306,6 +328,7 @@ class Placement:
         cached = self.cache.drop(key)
         self.telemetry.sessions_released.labels(cached.pool if cached else "unknown").inc()
         self._active.discard(key)
+        self.stale.discard(key)
         if self._pending.pop(key, None) is not None:
             self.telemetry.pins_pending.set(len(self._pending))
             return

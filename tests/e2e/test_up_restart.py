@@ -17,7 +17,6 @@ from typing import Any
 
 import psutil
 import pytest
-from pyspark.errors import PySparkException
 from pyspark.sql import SparkSession
 
 from tests.helpers import (
@@ -123,6 +122,8 @@ def test_up_restarts_a_sigkilled_driver_on_its_port() -> None:
         try:
             spark = SparkSession.builder.remote(up.url).create()
             sessions.append(spark)
+            spark.conf.set("spark.sql.shuffle.partitions", "7")
+            spark.range(3).createOrReplaceTempView("before_the_kill")
             assert _sum_of_ids(spark) == 499500
 
             killed_at = time.monotonic()
@@ -147,12 +148,13 @@ def test_up_restarts_a_sigkilled_driver_on_its_port() -> None:
             again = SparkSession.builder.remote(up.url).create()
             sessions.append(again)
             assert _sum_of_ids(again) == 499500
-            # The first session's state died with the JVM. Its pin still names the same
-            # address, so the router does not move (replay) it: Spark answers the session id
-            # it sees with INVALID_HANDLE.SESSION_CHANGED and pyspark closes the session.
-            # Told, not silently run on a blank session.
-            with pytest.raises(PySparkException, match=r"SESSION_CHANGED|NO_ACTIVE_SESSION"):
-                _sum_of_ids(spark)
+            # The first session's state died with the JVM; up told the router, which
+            # replays it on the new JVM (same address) on its next call: the same
+            # SparkSession carries on with its confs and views, no SESSION_CHANGED.
+            assert _sum_of_ids(spark) == 499500
+            assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+            assert spark.table("before_the_kill").count() == 3
+            assert "lost its state: 1 session(s) rebuild it" in stderr_text(up.proc)
 
             children = psutil.Process(up.proc.pid).children()
             assert not [p for p in children if p.status() == psutil.STATUS_ZOMBIE]

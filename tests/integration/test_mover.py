@@ -189,7 +189,8 @@ async def test_a_drained_session_moves_and_its_old_driver_releases_it_in_the_bac
     )
     assert moved_here and (pin.driver, pin.server_side_id) == (other.address, original)
     # Spark refuses a released id for good: the pin remembers where, for later moves to avoid.
-    assert (await _pin(env.replica, s)).moved_off == (home.address,)
+    stored = await _pin(env.replica, s)
+    assert stored.moved_off == stored.released_on == (home.address,)
     assert await _confs_on(other, s) == CONFS
     # The move returned; the release is on its way and still held by the old driver.
     await eventually(lambda: "ReleaseSession" in home.held, "the release to reach the old driver")
@@ -452,3 +453,33 @@ async def test_fake_driver_fails_planned_calls_of_one_session_only() -> None:
         assert outcomes == ["ok", "ok", "ABORTED", "ABORTED", "ok"]
         with pytest.raises(ValueError):
             driver.fail_next("Config", "NOT_A_STATUS")
+
+
+async def test_a_driver_restarted_on_its_address_gets_its_sessions_state_back() -> None:
+    """`up` restarts a dead JVM on its port: its sessions replay there, identity kept."""
+    first = GatedDriver()
+    await first.start()
+    replica = Replica(load_settings(listen="127.0.0.1:0", drivers=[first.address]))
+    await replica.start()
+    again: GatedDriver | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = Stub(channel)
+            s = str(uuid.uuid4())
+            original, _, _ = await _open(stub, [first, GatedDriver()], s)
+            await first.stop()
+            again = GatedDriver()
+            again.port = first.port  # a new instance on the same address: none of the state
+            await again.start()
+            replica.driver_restarted(first.address)
+            got = await stub.Config(_get(s, original, *CONFS), timeout=10)
+            assert got.server_side_session_id == original
+            assert {p.key: p.value for p in got.pairs} == CONFS
+            assert await _confs_on(again, s) == CONFS
+            assert _moved(replica, "driver_down") == 1
+            pin = await _pin(replica, s)
+            assert (pin.driver, pin.moved_off) == (first.address, ())
+    finally:
+        await replica.stop(0)
+        if again is not None:
+            await again.stop()

@@ -222,8 +222,18 @@ async def test_the_drivers_a_session_was_moved_off_survive_the_store(
     assert await reg.move("s1", "d1:1", left) == left
     found = await other.get_pin("s1")
     assert found is not None and found.moved_off == ("d1:1",) and found.seen_id is None
+    assert found.released_on == ()
+    drained = Pin("s1", "d3:1", move_token="u", moved_off=("d1:1", "d2:1"), released_on=("d2:1",))
+    assert await reg.move("s1", "d2:1", drained) == drained
+    found = await other.get_pin("s1")
+    assert found is not None and (found.moved_off, found.released_on) == (
+        ("d1:1", "d2:1"),
+        ("d2:1",),
+    )
     event = await heard.next()
     assert event.pin is not None and event.pin.moved_off == ("d1:1",)
+    event = await heard.next()
+    assert event.pin is not None and event.pin.released_on == ("d2:1",)
 
 
 async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:

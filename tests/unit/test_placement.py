@@ -114,6 +114,11 @@ def test_a_move_avoids_drivers_that_released_the_session_until_nothing_else_is_l
     # Only closed drivers left: the session goes to one of them rather than nowhere.
     two = Rings.build(drivers[:2])
     assert choose("s", "default", two, "127.0.0.1:1", ("127.0.0.1:2",)) == "127.0.0.1:2"
+    # One released it (certain SESSION_CLOSED), one it only left: the latter, whatever the ring.
+    closed = ("127.0.0.1:2", "127.0.0.1:3")
+    for s in sessions:
+        assert choose(s, "default", rings, "127.0.0.1:1", closed, ("127.0.0.1:2",)) == closed[1]
+        assert choose(s, "default", rings, "127.0.0.1:1", closed, ("127.0.0.1:3",)) == closed[0]
 
 
 def test_no_live_driver_names_the_pools_drivers_and_their_states() -> None:
@@ -222,3 +227,17 @@ async def test_pool_from_the_call_or_the_default() -> None:
     assert (await placement.place("b", None)).driver == "127.0.0.1:2"
     with pytest.raises(UnknownPool, match="pool 'nope'"):
         await placement.place("c", "nope")
+
+
+async def test_sessions_of_a_driver_that_lost_its_state_skip_the_cache_until_rebuilt() -> None:
+    placement = Placement(MemoryRegistry(), Rings.build([Driver("127.0.0.1:1")]), cache_size=10)
+    a = await placement.place("a", None)
+    b = await placement.place("b", None)
+    assert placement.known(a.key) == a
+    assert placement.lost_state("127.0.0.1:1") == 2
+    assert placement.lost_state("127.0.0.1:9") == 0  # none of its sessions here
+    assert placement.known(a.key) is None  # the slow path rebuilds it first
+    await placement.move(a, a)
+    assert placement.known(a.key) == a and placement.known(b.key) is None
+    await placement.release(b.key)
+    assert not placement.stale

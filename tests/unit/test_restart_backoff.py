@@ -126,6 +126,7 @@ def _watch(
     clock: Clock,
     stopping: Callable[[], bool] = lambda: False,
     sleep: Callable[[float], Awaitable[None]] | None = None,
+    lost: Callable[[str], None] = lambda address: None,
 ) -> asyncio.Task[None]:
     return asyncio.ensure_future(
         keep_running(
@@ -136,6 +137,7 @@ def _watch(
             poll_interval=0.001,
             clock=clock,
             sleep=sleep or clock.sleep,
+            lost=lost,
         )
     )
 
@@ -151,10 +153,12 @@ async def test_an_exited_driver_is_restarted_after_the_backoff(
 ) -> None:
     caplog.set_level(logging.INFO, logger="router.local")
     driver, clock = ScriptedDriver(), Clock()
-    task = _watch(driver, clock)
+    lost: list[str] = []
+    task = _watch(driver, clock, lost=lost.append)
     driver.code = -9
     await asyncio.wait_for(driver.started.wait(), 5)
     assert driver.calls == ["stop", "start", "ready"]  # reaped and cleaned before the start
+    assert lost == ["127.0.0.1:1"]  # the router told: its sessions there lost their state
     assert clock.slept == [1]
     assert "driver 127.0.0.1:1 exited (killed by SIGKILL); restarting in 1.0 s (restart 1)" in (
         caplog.text
