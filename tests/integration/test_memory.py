@@ -70,10 +70,6 @@ class Peak:
         self.value = max(self.value, self.rss())
 
 
-# A p50 this slow, for calls that take ~2 ms alone, means other clients wait behind the storm.
-STARVED_MS = 100.0
-
-
 def _config(session: str) -> bytes:
     req = base_pb2.ConfigRequest(session_id=session)
     req.operation.get.keys.append("spark.connect.grpc.binding.port")
@@ -121,7 +117,10 @@ async def test_a_slow_reader_storm_stays_in_budget_and_other_clients_are_served(
                     streams.append(call)
                 for call in streams:  # each read once, then never again: stalled
                     assert len(await call.read()) > BATCH  # raw bytes: one arrow batch
-                loaded = await _p50_ms(other)
+            # Measured with the storm stalled in place, but not while the sampler thread runs
+            # in this process: its GIL turns would be the latency measured.
+            loaded = await _p50_ms(other)
+            peak.value = max(peak.value, peak.rss())
             for call in streams:
                 call.cancel()
             for channel in storm:
@@ -132,9 +131,10 @@ async def test_a_slow_reader_storm_stays_in_budget_and_other_clients_are_served(
                 f"documented budget {budget / MiB:.0f} MiB"
             )
             # Before the fixed windows: ~1.2 GB held; the budget above allows ~640 MiB.
-            # Served, not starved (before: 540 ms). A coarse bound, not a latency measure: the
-            # ratio to the unloaded p50 swings 1-8x with what else this 2-core machine runs.
-            assert loaded <= STARVED_MS, f"p50 {loaded:.2f} ms loaded, {unloaded:.2f} ms not"
+            print(
+                f"\np50 {loaded:.2f} ms with {STALLED} stalled streams, {unloaded:.2f} ms without"
+            )
+            assert loaded <= 3 * unloaded, f"p50 {loaded:.2f} ms loaded, {unloaded:.2f} ms not"
             # Memory goes back to the system (memory_trim_seconds, 10 s by default).
             rss = psutil.Process(router.pid).memory_info
             wait_until(
