@@ -537,8 +537,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         """
         if method.name in protocol.NOTHING_TO_MOVE:
             return pin  # a release rebuilds nothing; the session stays marked
-        # The probe that found the driver back used a channel of its own (see _connected).
-        await self._upstreams.ready(pin.driver, self._settings.no_driver_wait_seconds)
+        await self._connected(pin, waited=True)  # the driver is back: its channel may not be
         new, obs.moved = await self._mover.move(
             pin, Reason.DRIVER_DOWN, observed=info.observed_id, target=pin.driver, metadata=md
         )
