@@ -119,6 +119,17 @@ class OverBudget(RouterError):
         self.limit = limit
 
 
+class RerunDiffers(RouterError):
+    """A query run again after its driver was lost did not give the results already sent.
+
+    ABORTED: gRPC's code for an operation to retry at a higher level. pyspark does not
+    retry it by itself (a blind retry would meet the same mixed results); the user's action
+    runs again as a whole.
+    """
+
+    code = grpc.StatusCode.ABORTED
+
+
 class DriverUnreachable(RouterError):
     """A driver refused or dropped the connection before answering."""
 

@@ -149,8 +149,8 @@ class Telemetry:
         )
         self.executions_rerun = Counter(
             "spark_router_executions_rerun",
-            "ExecutePlan streams cut off by a lost driver before the client saw anything but "
-            "execution progress, run again on the session's new driver, by pool",
+            "ExecutePlan streams cut off by a lost driver and run again on the session's new "
+            "driver in the same call, by pool",
             ["pool"],
             registry=r,
         )

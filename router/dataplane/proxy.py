@@ -38,12 +38,14 @@ from router.dataplane.budget import Budget, Held
 from router.dataplane.protocol import Method, RequestInfo, Shape
 from router.dataplane.recorder import Recorder
 from router.dataplane.releases import Releases
+from router.dataplane.rerun import Shown
 from router.errors import (
     BadRequest,
     DriverUnreachable,
     NoLiveDriver,
     OverBudget,
     PermissionDenied,
+    RerunDiffers,
     RouterError,
 )
 from router.health import Health
@@ -71,8 +73,6 @@ _DROP_EXACT = frozenset(
         "user-agent",
     }
 )
-
-_SCHEMA_ONLY = frozenset({protocol.SCHEMA_FIELD})
 
 # time_remaining() without a client deadline is effectively infinite.
 _NO_DEADLINE = 1e8
@@ -706,15 +706,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         which would cancel anything this handler meant to do after its last message.
 
         `rerun` starts the same call again on the session's next driver. It is used once, when
-        the driver dies (or is cut off) before the client saw anything but the schema and
-        execution progress: a client would otherwise reattach to an operation the new driver
-        never heard of, and pyspark refuses to run it again once it received any response
-        (RESPONSE_ALREADY_RECEIVED). The new run's schema is not shown twice.
+        the driver dies (or is cut off) mid-stream: the client would otherwise reattach to an
+        operation the new driver never heard of, which pyspark refuses once it received any
+        response (RESPONSE_ALREADY_RECEIVED). `rerun.Shown` keeps the second run from
+        telling the client anything twice, and stops it if its results differ.
         """
         alias = pin.server_side_id
-        # No result shown yet (None once one was, or without a rerun): what was shown instead.
-        shown: set[int] | None = set() if rerun is not None else None
-        rerunning = False
+        shown = Shown() if rerun is not None else None
         try:
             initial = await call.initial_metadata()
             if initial:
@@ -724,18 +722,10 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             while True:
                 try:
                     while response is not grpc.aio.EOF:
+                        if shown is not None and not shown.admit(response):
+                            response = await call.read()  # the client has it from the first run
+                            continue
                         obs.bytes_to_client += len(response)
-                        if shown is not None:
-                            carried = protocol.preamble(response)
-                            if carried is None:
-                                shown = None
-                            elif rerunning and carried == _SCHEMA_ONLY <= shown:
-                                # The client has its schema: a second one breaks pyspark's
-                                # toLocalIterator (it asserts there is one).
-                                response = await call.read()
-                                continue
-                            else:
-                                shown |= carried
                         if journal is not None and protocol.completes(response):
                             await self.recorder.append(*journal)
                             journal = None
@@ -745,23 +735,29 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                             else protocol.for_client(method, alias, response)
                         )
                         response = await call.read()
+                    if shown is not None:
+                        shown.ended()
                     break
                 except grpc.aio.AioRpcError as exc:
-                    if shown is None or rerunning or not await self._driver_died(exc, pin):
+                    if shown is None or not shown.rerunnable:
+                        raise
+                    if not await self._driver_died(exc, pin):
                         raise
                 except asyncio.CancelledError:
-                    if shown is None or rerunning or not self._was_cut(pin):
+                    if shown is None or not shown.rerunnable or not self._was_cut(pin):
                         raise
-                assert rerun is not None  # shown starts as a set only with a rerun
-                rerunning = True  # once: a second driver lost ends the call
+                assert rerun is not None  # shown is set only with a rerun
+                shown.rerun()  # once: a second driver lost ends the call
                 call.cancel()
                 lost = pin.driver
                 call, pin = await rerun(pin)
                 self._telemetry.executions_rerun.labels(pin.pool).inc()
                 log.info(
-                    "session %s: ExecutePlan cut off with %s, running it again on %s",
+                    "session %s: ExecutePlan cut off with %s after %d results, running it "
+                    "again on %s",
                     pin.session_id,
                     lost,
+                    shown.results,
                     pin.driver,
                 )
                 alias = pin.server_side_id
@@ -771,6 +767,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 context.set_trailing_metadata(tuple(trailing))
         except grpc.aio.AioRpcError as exc:
             await self._relay_error(context, exc, pin)
+        except RerunDiffers as exc:
+            log.warning(
+                "session %s: ExecutePlan stopped on %s: %s", pin.session_id, pin.driver, exc
+            )
+            await _abort(context, exc)
         except asyncio.CancelledError:
             if not self._was_cut(pin):
                 raise

@@ -395,6 +395,95 @@ def test_a_query_that_reported_progress_runs_again_when_its_driver_is_lost(
         router.stop()
 
 
+# Partitions 0-2 send their rows at once; partition 3 (ids from 750) first waits `ms`.
+_HALF_SENT = (
+    "SELECT id{extra}, reflect('java.lang.Thread', 'sleep', CAST(IF(id = 750, {ms}, 0) AS BIGINT))"
+    " AS pause FROM range(0, 1000, 1, 4)"
+)
+
+
+class _Iterating:
+    """`toLocalIterator()` in a thread: `first` is set once rows have reached the client."""
+
+    def __init__(self, df: Any) -> None:
+        self.first = threading.Event()
+        self.rows: list[Any] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(df,), daemon=True)
+        self._thread.start()
+
+    def _run(self, df: Any) -> None:
+        try:
+            for row in df.toLocalIterator():
+                self.rows.append(row)
+                self.first.set()
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.first.set()
+
+    def done(self, timeout: float) -> bool:
+        """Whether the iteration ended (rows or error) within `timeout` s."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+def _lose(driver: LocalDriver, fault: str) -> None:
+    if fault == "SIGKILL":
+        _kill(driver)
+    else:
+        assert driver.process is not None
+        os.kill(driver.process.pid, signal.SIGSTOP)
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_query_whose_first_results_went_out_finishes_when_its_driver_is_lost(
+    drivers: LocalDrivers, fault: str
+) -> None:
+    """The client has rows of the first run: the second run's are compared, not resent."""
+    router = Router(drivers)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "9")
+        victim = _victim_of(drivers, spark)
+        query = _Iterating(spark.sql(_HALF_SENT.format(extra="", ms=8000)))
+        assert query.first.wait(60) and query.rows, f"{query.error}\n{router.log()[-3000:]}"
+        _lose(victim, fault)
+        assert query.done(120), router.log()[-4000:]
+        assert query.error is None, f"{query.error}\n{router.log()[-4000:]}"
+        assert [row.id for row in query.rows] == list(range(1000))
+        assert router.metric("spark_router_executions_rerun_total") == 1, router.log()[-3000:]
+        assert re.search(r"cut off with \S+ after [1-9]\d* results", router.log())
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "9"
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        router.stop()
+
+
+def test_a_query_whose_results_change_when_run_again_is_stopped_not_spliced(
+    drivers: LocalDrivers,
+) -> None:
+    """rand() without a seed draws one per run: the rows of two runs must not be mixed."""
+    router = Router(drivers)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        victim = _victim_of(drivers, spark)
+        query = _Iterating(spark.sql(_HALF_SENT.format(extra=", rand() AS r", ms=8000)))
+        assert query.first.wait(60) and query.rows, f"{query.error}\n{router.log()[-3000:]}"
+        _kill(victim)
+        assert query.done(120), router.log()[-4000:]
+        assert query.error is not None, f"{len(query.rows)} rows, no error"
+        assert "its results change from run to run" in str(query.error), query.error
+        assert len(query.rows) < 1000
+        # The session itself carries on, on the other driver.
+        assert spark.range(3).count() == 3
+        assert int(spark.conf.get(PORT_CONF)) != victim.port
+    finally:
+        spark.stop()
+        router.stop()
+
+
 def test_twenty_sessions_of_a_dead_driver_each_move_once(drivers: LocalDrivers) -> None:
     router = Router(drivers)
     rings = Rings.build([Driver(a) for a in drivers.addresses])

@@ -34,6 +34,11 @@ WINDOW = 256 * 1024  # stream_window_bytes' default
 NO_ADMIN = {"SPARK_ROUTER_ADMIN_LISTEN": "off"}
 # A connection of its own per channel (grpc shares one between channels to a target).
 OWN = [("grpc.use_local_subchannel_pool", 1)]
+# A stalled reader's client takes no more than its first window: without BDP probing its
+# windows stay at 64 KiB. With grpc's defaults the test's own channels would grow them and
+# swallow all 3.8 GB the storm offers, at full speed, while `other` is measured (seen: the
+# test process at 3 GB, p50 25 ms): a flood through the router, not a stalled storm.
+STALLED_CLIENT = [*OWN, ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65536)]
 
 
 @pytest.fixture
@@ -106,7 +111,7 @@ async def test_a_slow_reader_storm_stays_in_budget_and_other_clients_are_served(
             before = psutil.Process(router.pid).memory_info().rss
             unloaded = await _p50_ms(other)
             # Three connections: max_streams_per_connection (100) allows 100 calls on each.
-            storm = [grpc.aio.insecure_channel(target, options=OWN) for _ in range(3)]
+            storm = [grpc.aio.insecure_channel(target, options=STALLED_CLIENT) for _ in range(3)]
             streams = []
             with Peak(router.pid) as peak:
                 for i in range(STALLED):

@@ -128,10 +128,11 @@ def test_disagreeing_header_and_body_are_quoted_cut_short() -> None:
     assert len(str(e.value)) < 400
 
 
-def test_the_preamble_fields_match_pyspark_names() -> None:
+def test_the_note_fields_match_pyspark_names() -> None:
     d = base_pb2.ExecutePlanResponse.DESCRIPTOR
     assert _field(d, "schema") == protocol.SCHEMA_FIELD
     assert _field(d, "execution_progress") == protocol.PROGRESS_FIELD
+    assert _field(d, "metrics") == protocol.METRICS_FIELD
     assert _field(d, "result_complete") == protocol.RESULT_COMPLETE_FIELD
 
 
@@ -145,15 +146,35 @@ def _response(**fields: object) -> bytes:
     return bytes(base_pb2.ExecutePlanResponse(**ids, **fields).SerializeToString())
 
 
-def test_schema_and_progress_come_before_results_and_nothing_else_does() -> None:
+def test_schema_progress_and_metrics_are_notes_and_results_are_not() -> None:
     progress = base_pb2.ExecutePlanResponse.ExecutionProgress(num_inflight_tasks=3)
     schema = {"schema": {"struct": {}}}
-    assert protocol.preamble(_response(execution_progress=progress)) == {protocol.PROGRESS_FIELD}
-    assert protocol.preamble(_response(**schema)) == {protocol.SCHEMA_FIELD}  # type: ignore[arg-type]
-    assert protocol.preamble(_response()) == frozenset()
+    told = protocol.told
+    assert told(_response(execution_progress=progress)) == ({protocol.PROGRESS_FIELD}, None)
+    assert told(_response(**schema)) == ({protocol.SCHEMA_FIELD}, None)  # type: ignore[arg-type]
+    assert told(_response(metrics={})) == ({protocol.METRICS_FIELD}, None)  # type: ignore[arg-type]
+    assert told(_response()) == (frozenset(), None)
     batch = base_pb2.ExecutePlanResponse.ArrowBatch(row_count=1, data=b"x")
-    assert protocol.preamble(_response(arrow_batch=batch)) is None
-    assert protocol.preamble(_response(result_complete={})) is None  # type: ignore[arg-type]
-    assert protocol.preamble(_response(sql_command_result={})) is None  # type: ignore[arg-type]
-    assert protocol.preamble(_response(metrics={})) is None  # type: ignore[arg-type]
-    assert protocol.preamble(b"\xff\xff") is None  # malformed: never taken for a preamble
+    for result in ({"arrow_batch": batch}, {"result_complete": {}}, {"sql_command_result": {}}):
+        notes, digest = told(_response(**result)) or (None, None)
+        assert notes == frozenset() and digest is not None, result
+    assert told(b"\xff\xff") is None  # malformed: never taken for a note
+
+
+def test_a_digest_ignores_ids_and_tells_results_apart() -> None:
+    def digest(response: bytes) -> int | None:
+        told = protocol.told(response)
+        assert told is not None
+        return told[1]
+
+    batch = base_pb2.ExecutePlanResponse.ArrowBatch(row_count=2, data=b"rows" * 1000)
+    first = _response(arrow_batch=batch)
+    # The same result from another driver: other response and server-side session ids.
+    again = base_pb2.ExecutePlanResponse(
+        session_id="s", operation_id="o", response_id="r2", server_side_session_id="y"
+    )
+    again.arrow_batch.CopyFrom(batch)
+    assert digest(again.SerializeToString()) == digest(first)
+    other = base_pb2.ExecutePlanResponse.ArrowBatch(row_count=2, data=b"rowz" * 1000)
+    assert digest(_response(arrow_batch=other)) != digest(first)
+    assert digest(_response(result_complete={})) != digest(first)  # type: ignore[arg-type]
