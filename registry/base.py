@@ -22,17 +22,45 @@ Invariants every store keeps:
   overflowed, for good (until dropped or expired): `journal()` then answers None, because
   a journal with a gap must never be replayed. It expires `pin_ttl` after its last append
   or `touch`, like the pin, and `journal_drop` forgets it.
+
+Quota counters (the limits and what to do over them are router/admit/quotas.py's; stores
+only count, each operation one atomic step, so concurrent callers on any instances never
+count past a limit):
+- Sessions per user: a session key counts while its pin lives (bound, moved, touched; a
+  released or expired pin frees it) or, before the pin exists, until `ttl` after the
+  `quota_session_acquire` that counted it. An acquire purges keys that no longer count,
+  refreshes a key counted already (granted whatever the count), else counts it only if
+  fewer than `limit` keys count. `quota_session_release` stops counting a key at once.
+  `touch` keeps the user's counter alive with its sessions' pins.
+- Operation slots: each replica leases slots per user; a replica's leases live `lease_ttl`
+  after its last `quota_slots_acquire` or `quota_slots_sync` (its renewal), then count
+  no more (a dead replica's slots free themselves). An acquire grants one slot if the
+  slots leased to live replicas are fewer than `limit`; a sync sets what this replica
+  holds (0 returns them all) and answers how many replicas hold live leases.
+- Call tokens: one token bucket per name, refilled at `rate` per second (by the store's
+  clock) up to `burst`; `quota_tokens_lease` takes up to `want` whole tokens at once. A
+  bucket left alone long enough to be full again may be forgotten (it is full).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Protocol
 
-from registry.models import DrainMode, Driver, Event, Pin
+from registry.models import DrainMode, Driver, Event, Pin, SessionGrant, SlotGrant, TokenGrant
 
 DEFAULT_PIN_TTL = 2 * 3600.0
 """Seconds an idle session's pin lives, for every store (`pin_ttl_seconds` sets it)."""
+
+
+def check_bucket(rate: float, burst: int, want: int) -> None:
+    """ValueError unless a token bucket's arguments make sense (every store checks them)."""
+    if not (rate > 0 and math.isfinite(rate)) or burst < 1 or want < 1:
+        raise ValueError(
+            f"a token bucket needs rate > 0, burst >= 1 and want >= 1, got "
+            f"rate={rate!r} burst={burst!r} want={want!r}"
+        )
 
 
 class RegistryUnavailable(Exception):
@@ -117,6 +145,40 @@ class Registry(Protocol):
 
     async def sessions(self, driver: str | None = None, limit: int = 1000) -> list[Pin]:
         """Up to `limit` live pins: those on `driver`, or any (for operators, not the hot path)."""
+        ...
+
+    async def quota_session_acquire(
+        self, user: str, key: str, limit: int, ttl: float
+    ) -> SessionGrant:
+        """Count session `key` against `user`'s `limit` unless that many count already.
+
+        A key counts while its pin lives, or for `ttl` seconds after this call (the time
+        its pin has to be bound); a key that counts already is refreshed and granted.
+        """
+        ...
+
+    async def quota_session_release(self, user: str, key: str) -> None:
+        """Stop counting session `key` against `user` (ReleaseSession)."""
+        ...
+
+    async def quota_slots_acquire(
+        self, user: str, replica: str, limit: int, lease_ttl: float
+    ) -> SlotGrant:
+        """Lease one more of `user`'s operation slots to `replica` if fewer than `limit` are
+        leased to live replicas; renews `replica`'s leases for `lease_ttl` seconds."""
+        ...
+
+    async def quota_slots_sync(
+        self, replica: str, held: Mapping[str, tuple[int, int]], lease_ttl: float
+    ) -> int:
+        """Set the slots `replica` holds per user to `held` (user -> (held, busy); 0 held
+        returns them), renew its leases for `lease_ttl`: how many replicas hold live leases."""
+        ...
+
+    async def quota_tokens_lease(
+        self, bucket: str, rate: float, burst: int, want: int
+    ) -> TokenGrant:
+        """Take up to `want` tokens from the bucket (refilled at `rate`/s, holding <= `burst`)."""
         ...
 
     def events(self) -> AsyncIterator[Event]:

@@ -9,6 +9,11 @@ dynamic (moves, membership changes) needs the shared Redis registry.
 Expiry follows the contract in base.py, measured with an injected clock so tests need no
 sleeps. Events reach the `events()` iterators of this instance only. A session's journal is a
 list of entries with its byte count; an overflowed journal keeps no entries, only the mark.
+
+Quota counters follow base.py with the same arithmetic as the Redis scripts: per user the
+counted session keys with their reservation expiry (a key counts while its pin is live or
+until then), per user the slots each replica holds (held, busy) with a lease expiry per
+replica, per bucket (tokens, time of the last refill).
 """
 
 from __future__ import annotations
@@ -19,8 +24,19 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from registry.base import DEFAULT_PIN_TTL
-from registry.models import DrainMode, Driver, Event, EventKind, Pin, drain_marker, split_key
+from registry.base import DEFAULT_PIN_TTL, check_bucket
+from registry.models import (
+    DrainMode,
+    Driver,
+    Event,
+    EventKind,
+    Pin,
+    SessionGrant,
+    SlotGrant,
+    TokenGrant,
+    drain_marker,
+    split_key,
+)
 
 _CLOSED = object()
 
@@ -50,6 +66,14 @@ class MemoryRegistry:
         self._journals: dict[str, _Journal] = {}
         self._claims: dict[str, tuple[str, float]] = {}  # session id -> (owner, expiry)
         self._claims_sweep_at = 1024
+        # Quota counters: user -> {session key: reservation expiry}; user -> {replica:
+        # (held, busy)}; replica -> lease expiry; bucket -> (tokens, last refill, full at).
+        self._quota_sessions: dict[str, dict[str, float]] = {}
+        self._quota_sessions_sweep_at = 1024
+        self._slots: dict[str, dict[str, tuple[int, int]]] = {}
+        self._replicas: dict[str, float] = {}
+        self._buckets: dict[str, tuple[float, float, float]] = {}  # (..., when full again)
+        self._buckets_sweep_at = 1024
 
     # --- pins ---------------------------------------------------------------------------
 
@@ -163,6 +187,101 @@ class MemoryRegistry:
     def pin_count(self) -> int:
         """How many sessions are pinned (for tests and metrics)."""
         return len(self._pins)
+
+    # --- quota counters -----------------------------------------------------------------
+
+    def _session_counts(self, key: str, reserved: float, now: float) -> bool:
+        return reserved > now or self._pins.get(key, (None, now))[1] > now
+
+    async def quota_session_acquire(
+        self, user: str, key: str, limit: int, ttl: float
+    ) -> SessionGrant:
+        """Count session `key` against `user`'s `limit` unless that many count already."""
+        now = self._clock()
+        counted = self._quota_sessions.get(user, {})
+        live = {k: t for k, t in counted.items() if self._session_counts(k, t, now)}
+        others = len(live) - (key in live)
+        if key not in live and others >= limit:
+            self._quota_sessions[user] = live
+            return SessionGrant(False, others)
+        live[key] = max(live.get(key, now), now + ttl)
+        self._quota_sessions[user] = live
+        if len(self._quota_sessions) >= self._quota_sessions_sweep_at:  # users gone quiet
+            self._quota_sessions = {
+                u: keys
+                for u, keys in self._quota_sessions.items()
+                if any(self._session_counts(k, t, now) for k, t in keys.items())
+            }
+            self._quota_sessions_sweep_at = max(1024, 2 * len(self._quota_sessions))
+        return SessionGrant(True, others + 1)
+
+    async def quota_session_release(self, user: str, key: str) -> None:
+        """Stop counting session `key` against `user`."""
+        counted = self._quota_sessions.get(user)
+        if counted is not None:
+            counted.pop(key, None)
+            if not counted:
+                del self._quota_sessions[user]
+
+    def _live_slots(self, user: str, now: float) -> dict[str, tuple[int, int]]:
+        held = {
+            r: hb for r, hb in self._slots.get(user, {}).items() if self._replicas.get(r, 0) > now
+        }
+        if held:
+            self._slots[user] = held
+        else:
+            self._slots.pop(user, None)
+        return held
+
+    async def quota_slots_acquire(
+        self, user: str, replica: str, limit: int, lease_ttl: float
+    ) -> SlotGrant:
+        """Lease one more of `user`'s slots to `replica` if fewer than `limit` are leased."""
+        now = self._clock()
+        self._replicas[replica] = now + lease_ttl
+        leases = self._live_slots(user, now)
+        held = sum(h for h, _ in leases.values())
+        busy = sum(b for _, b in leases.values())
+        if held >= limit:
+            return SlotGrant(False, held, busy)
+        mine = leases.get(replica, (0, 0))
+        self._slots[user] = {**leases, replica: (mine[0] + 1, mine[1] + 1)}
+        return SlotGrant(True, held + 1, busy + 1)
+
+    async def quota_slots_sync(
+        self, replica: str, held: Mapping[str, tuple[int, int]], lease_ttl: float
+    ) -> int:
+        """Set the slots `replica` holds per user; renew its leases: live replicas."""
+        now = self._clock()
+        self._replicas[replica] = now + lease_ttl
+        self._replicas = {r: t for r, t in self._replicas.items() if t > now}
+        for user, (count, busy) in held.items():
+            leases = self._live_slots(user, now)
+            if count > 0:
+                self._slots[user] = {**leases, replica: (count, busy)}
+            elif replica in leases:
+                del leases[replica]
+                if not leases:
+                    del self._slots[user]
+        return len(self._replicas)
+
+    async def quota_tokens_lease(
+        self, bucket: str, rate: float, burst: int, want: int
+    ) -> TokenGrant:
+        """Take up to `want` tokens from the bucket (refilled at `rate`/s, up to `burst`)."""
+        check_bucket(rate, burst, want)
+        now = self._clock()
+        tokens, last, _ = self._buckets.get(bucket, (float(burst), now, now))
+        if now > last:
+            tokens += (now - last) * rate
+        tokens = min(tokens, float(burst))
+        granted = max(0, min(want, math.floor(tokens)))
+        tokens -= granted
+        self._buckets[bucket] = (tokens, now, now + (burst - tokens) / rate)
+        if len(self._buckets) >= self._buckets_sweep_at:  # a bucket full again is as none
+            self._buckets = {b: v for b, v in self._buckets.items() if v[2] > now}
+            self._buckets_sweep_at = max(1024, 2 * len(self._buckets))
+        return TokenGrant(granted, 0.0 if granted else (1.0 - tokens) / rate)
 
     # --- drivers ------------------------------------------------------------------------
 

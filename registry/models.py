@@ -1,4 +1,4 @@
-"""The records cluster state is made of: drivers and pins.
+"""The records cluster state is made of: drivers and pins (and what quota counters answer).
 
 A driver is one Spark Connect server; a pin is the registry's record that a session
 lives on a driver. Both are immutable values: a change is a new record.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from urllib.parse import quote, unquote
 
 from common.health import DriverState
@@ -21,6 +22,9 @@ __all__ = [
     "Event",
     "EventKind",
     "Pin",
+    "SessionGrant",
+    "SlotGrant",
+    "TokenGrant",
     "session_key",
     "split_key",
 ]
@@ -106,6 +110,16 @@ class Pin:
     # Of those, the ones told to release it (a drain, an operator's move): never chosen again
     # while any other driver is left, since the refusal there is certain.
     released_on: tuple[str, ...] = field(default=(), compare=False)
+    # The session id its driver knows the session by, when not the client's: a session moved
+    # to a driver that had released its id gets a new one there (Spark refuses a released id
+    # for the rest of a driver's life). The data plane rewrites requests to it and responses
+    # back (dataplane/protocol.py). None: the client's own id.
+    upstream_id: str | None = None
+
+    @property
+    def driver_session_id(self) -> str:
+        """The session id to send the driver."""
+        return self.upstream_id or self.session_id
 
     @property
     def key(self) -> str:
@@ -131,3 +145,25 @@ class Event:
     driver: Driver | None = None  # DRIVER_*: the driver as it now is (LEFT: as it was)
     pin: Pin | None = None  # PIN_MOVED: the new pin
     session_id: str | None = None  # PIN_*: the session's key (session_key)
+
+
+class SessionGrant(NamedTuple):
+    """What `quota_session_acquire` answers: whether the session counts now, and the count."""
+
+    granted: bool
+    current: int  # the user's sessions counted now (with this one if granted)
+
+
+class SlotGrant(NamedTuple):
+    """What `quota_slots_acquire` answers (sums over the replicas with live leases)."""
+
+    granted: bool
+    held: int  # slots leased to all replicas now (with this one if granted)
+    busy: int  # of those, in use as the replicas last reported (each renewal, each acquire)
+
+
+class TokenGrant(NamedTuple):
+    """What `quota_tokens_lease` answers."""
+
+    granted: int  # tokens taken from the bucket, 0 to the number wanted
+    retry_after: float  # with none granted: seconds until the bucket holds one token; else 0

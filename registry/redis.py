@@ -23,6 +23,18 @@ may touch them together):
     {P}:journal-bytes:<session_id>  string  their total size in bytes, or -1 once the journal
                                             overflowed (the list is then deleted); PEXPIRE
                                             pin_ttl
+    {P}:quota:sessions:<user>  zset    member = session key counted against the user, score
+                                       = its reservation's expiry (Redis time, s); a member
+                                       counts while {P}:pin:<member> exists or until its
+                                       score; PEXPIRE pin_ttl, refreshed by acquires and by
+                                       `touch` of any of the user's sessions
+    {P}:quota:replicas         zset    member = replica id, score = expiry of its slot leases
+    {P}:quota:slots:<user>     hash    replica id -> "<held> <busy>" operation slots; fields of
+                                       replicas whose lease expired are dropped by acquires;
+                                       PEXPIRE lease_ttl, refreshed by every write
+    {P}:quota:tokens:<bucket>  string  "<tokens> <time of the last refill>" (Redis time, s);
+                                       PEXPIRE the time it takes to refill from empty, plus 1 s
+                                       (a bucket left that long is full: forgetting it is exact)
 
 Race rules:
 - `bind` is one Lua script (GET, else SET PX): create-if-absent that returns the winner in
@@ -41,11 +53,18 @@ Race rules:
   never beyond the cap. `journal` reads counter and list in one script (atomic: never a
   half-overflowed view), with decoding off since entries are bytes. `touch` refreshes
   the journal keys in the same pipeline as the pins.
+- Quota counters are one Lua script each (`quota_session_acquire`, `quota_slots_acquire`,
+  `quota_slots_sync`, `quota_tokens_lease`): purge what no longer counts, compare with the
+  limit, write, all in one atomic step, so concurrent acquires from any replicas never
+  count past a limit. A session counts from its pin: a released or expired pin frees its
+  slot without any quota write. `quota_session_release` is one ZREM. `touch` refreshes
+  the TTL of each touched user's session counter in the same pipeline as the pins.
 - Expiry is judged by the Redis server's clock (TIME inside the scripts), never by the
   replicas' clocks. `drivers()` drops expired members (and their hashes) as it reads;
   an expired driver produces no event by itself: subscribers also poll `drivers()`.
-- Scripts address driver hashes they build from the prefix (not declared in KEYS); this is
-  safe on Redis Cluster only because the hash tag keeps them all in the slot of KEYS[1].
+- Scripts address keys they build from the prefix (not declared in KEYS: driver hashes,
+  pins counted by a session counter, slot hashes written by a sync); this is safe on Redis
+  Cluster only because the hash tag keeps them all in the slot of KEYS[1].
 
 Connections: `from_url` builds the client with `socket_timeout` and
 `socket_connect_timeout` (default 1 s each) and one retry on a refused or dropped
@@ -90,7 +109,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from common.addresses import redact_url
-from registry.base import DEFAULT_PIN_TTL, RegistryUnavailable
+from registry.base import DEFAULT_PIN_TTL, RegistryUnavailable, check_bucket
 from registry.models import (
     DEFAULT_POOL,
     DrainMode,
@@ -99,6 +118,9 @@ from registry.models import (
     Event,
     EventKind,
     Pin,
+    SessionGrant,
+    SlotGrant,
+    TokenGrant,
     drain_marker,
     split_key,
 )
@@ -258,6 +280,105 @@ return {redis.call('GET', KEYS[2]), redis.call('LRANGE', KEYS[1], 0, -1)}
 """
 
 
+# KEYS: the user's session zset. ARGV: session key, limit, reservation ttl s, pin key
+# prefix, zset ttl ms. Returns {granted 0/1, count}.
+_SESSION_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+local others, mine = 0, false
+for i = 1, #members, 2 do
+  local m = members[i]
+  if tonumber(members[i + 1]) > now or redis.call('EXISTS', ARGV[4] .. m) == 1 then
+    if m == ARGV[1] then mine = true else others = others + 1 end
+  else
+    redis.call('ZREM', KEYS[1], m)
+  end
+end
+if (not mine) and others >= tonumber(ARGV[2]) then return {0, others} end
+local until_ = now + tonumber(ARGV[3])
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if (not score) or tonumber(score) < until_ then
+  redis.call('ZADD', KEYS[1], string.format('%.17g', until_), ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {1, others + 1}
+"""
+
+# KEYS: the user's slot hash, the replicas zset. ARGV: replica, limit, lease ttl s,
+# lease ttl ms. Returns {granted 0/1, held, busy} over the replicas with live leases.
+_SLOTS_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[2], string.format('%.17g', now + tonumber(ARGV[3])), ARGV[1])
+local fields = redis.call('HGETALL', KEYS[1])
+local held, busy, mine_h, mine_b = 0, 0, 0, 0
+for i = 1, #fields, 2 do
+  local replica = fields[i]
+  local h, b = string.match(fields[i + 1], '^(%d+) (%d+)$')
+  h, b = tonumber(h) or 0, tonumber(b) or 0
+  if replica == ARGV[1] then
+    mine_h, mine_b = h, b
+  else
+    local expiry = redis.call('ZSCORE', KEYS[2], replica)
+    if expiry and tonumber(expiry) > now then
+      held, busy = held + h, busy + b
+    else
+      redis.call('HDEL', KEYS[1], replica)
+    end
+  end
+end
+held, busy = held + mine_h, busy + mine_b
+if held >= tonumber(ARGV[2]) then return {0, held, busy} end
+redis.call('HSET', KEYS[1], ARGV[1], (mine_h + 1) .. ' ' .. (mine_b + 1))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return {1, held + 1, busy + 1}
+"""
+
+# KEYS: the replicas zset. ARGV: replica, lease ttl s, lease ttl ms, slot hash key prefix,
+# then user, held, busy for each user. Returns how many replicas hold live leases.
+_SLOTS_SYNC = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', KEYS[1], string.format('%.17g', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.17g', now))
+for i = 5, #ARGV, 3 do
+  local key = ARGV[4] .. ARGV[i]
+  if tonumber(ARGV[i + 1]) > 0 then
+    redis.call('HSET', key, ARGV[1], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
+    redis.call('PEXPIRE', key, ARGV[3])
+  else
+    redis.call('HDEL', key, ARGV[1])
+  end
+end
+return redis.call('ZCARD', KEYS[1])
+"""
+
+# KEYS: the bucket. ARGV: rate per s, burst, want. Returns {granted, retry after s (text)}.
+_TOKENS_LEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local tokens, last = burst, now
+local value = redis.call('GET', KEYS[1])
+if value then
+  local a, b = string.match(value, '^(%S+) (%S+)$')
+  tokens, last = tonumber(a) or burst, tonumber(b) or now
+end
+if now > last then tokens = tokens + (now - last) * rate end
+if tokens > burst then tokens = burst end
+local granted = math.floor(tokens)
+if granted > want then granted = want end
+if granted < 0 then granted = 0 end
+tokens = tokens - granted
+local ttl = math.ceil((burst - tokens) / rate * 1000) + 1000
+redis.call('SET', KEYS[1], string.format('%.17g %.17g', tokens, now), 'PX', ttl)
+local retry = 0
+if granted == 0 then retry = (1 - tokens) / rate end
+return {granted, string.format('%.6f', retry)}
+"""
+
+
 class RedisRegistry:
     """Pins and drivers in Redis, shared by every replica that uses the same prefix."""
 
@@ -302,6 +423,14 @@ class RedisRegistry:
         self._remove = client.register_script(_REMOVE)
         self._journal_append = client.register_script(_JOURNAL_APPEND)
         self._journal_read = client.register_script(_JOURNAL_READ)
+        self._session_acquire = client.register_script(_SESSION_ACQUIRE)
+        self._slots_acquire = client.register_script(_SLOTS_ACQUIRE)
+        self._slots_sync = client.register_script(_SLOTS_SYNC)
+        self._tokens_lease = client.register_script(_TOKENS_LEASE)
+        self._quota_sessions_prefix = f"{self._tag}:quota:sessions:"
+        self._quota_slots_prefix = f"{self._tag}:quota:slots:"
+        self._quota_replicas_key = f"{self._tag}:quota:replicas"
+        self._quota_tokens_prefix = f"{self._tag}:quota:tokens:"
         # Bounds concurrent commands (so connections) per instance; extra callers queue.
         self._max_in_flight = max_in_flight
         self._queue_timeout = queue_timeout
@@ -457,16 +586,20 @@ class RedisRegistry:
             return
 
         async def pexpire_all() -> list[Any]:
+            users: set[str] = set()
             async with self._client.pipeline(transaction=False) as pipe:
                 for driver in drivers:
                     pipe.pexpire(self._sessions_prefix + driver, self._pin_ttl_ms)
                 for session_id in session_ids:
                     pipe.pexpire(self._pin_key(session_id), self._pin_ttl_ms)
                     user, bare = split_key(session_id)
+                    users.add(user or "")
                     if user is not None:
                         pipe.pexpire(f"{self._tag}:claim:{bare}", self._pin_ttl_ms)
                     for key in self._journal_keys(session_id):
                         pipe.pexpire(key, self._pin_ttl_ms)
+                for user in users:  # a user's session counter lives as long as their pins
+                    pipe.pexpire(self._quota_sessions_prefix + user, self._pin_ttl_ms)
                 return await pipe.execute()
 
         await self._call("touch", pexpire_all)
@@ -511,6 +644,73 @@ class RedisRegistry:
         """Forget a session's journal."""
         keys = self._journal_keys(session_id)
         await self._call("journal_drop", lambda: self._client.delete(*keys))
+
+    # --- quota counters -----------------------------------------------------------------
+
+    async def quota_session_acquire(
+        self, user: str, key: str, limit: int, ttl: float
+    ) -> SessionGrant:
+        """Count session `key` against `user`'s `limit` unless that many count already."""
+        granted, count = await self._script(
+            "quota_session_acquire",
+            self._session_acquire,
+            keys=[self._quota_sessions_prefix + user],
+            args=[
+                key,
+                int(limit),
+                repr(max(0.0, float(ttl))),
+                self._pin_prefix,
+                max(self._pin_ttl_ms, _ms(ttl)),
+            ],
+        )
+        return SessionGrant(bool(granted), int(count))
+
+    async def quota_session_release(self, user: str, key: str) -> None:
+        """Stop counting session `key` against `user` (one ZREM)."""
+        counter = self._quota_sessions_prefix + user
+        await self._call("quota_session_release", lambda: self._client.zrem(counter, key))
+
+    async def quota_slots_acquire(
+        self, user: str, replica: str, limit: int, lease_ttl: float
+    ) -> SlotGrant:
+        """Lease one more of `user`'s slots to `replica` if fewer than `limit` are leased."""
+        granted, held, busy = await self._script(
+            "quota_slots_acquire",
+            self._slots_acquire,
+            keys=[self._quota_slots_prefix + user, self._quota_replicas_key],
+            args=[replica, int(limit), repr(float(lease_ttl)), _ms(lease_ttl)],
+        )
+        return SlotGrant(bool(granted), int(held), int(busy))
+
+    async def quota_slots_sync(
+        self, replica: str, held: Mapping[str, tuple[int, int]], lease_ttl: float
+    ) -> int:
+        """Set the slots `replica` holds per user, renew its leases: live replicas."""
+        args: list[str | int] = [
+            replica,
+            repr(float(lease_ttl)),
+            _ms(lease_ttl),
+            self._quota_slots_prefix,
+        ]
+        for user, (count, busy) in held.items():
+            args += [user, max(0, int(count)), max(0, int(busy))]
+        replicas = await self._script(
+            "quota_slots_sync", self._slots_sync, keys=[self._quota_replicas_key], args=args
+        )
+        return int(replicas)
+
+    async def quota_tokens_lease(
+        self, bucket: str, rate: float, burst: int, want: int
+    ) -> TokenGrant:
+        """Take up to `want` tokens from the bucket (refilled at `rate`/s, up to `burst`)."""
+        check_bucket(rate, burst, want)
+        granted, retry_after = await self._script(
+            "quota_tokens_lease",
+            self._tokens_lease,
+            keys=[self._quota_tokens_prefix + bucket],
+            args=[repr(float(rate)), int(burst), int(want)],
+        )
+        return TokenGrant(int(granted), float(retry_after))
 
     # --- drivers ------------------------------------------------------------------------
 
@@ -754,6 +954,10 @@ def _parse_sentinel_url(
     return hosts, unquote(path[0]), int(path[1]) if len(path) == 2 else 0, username, password
 
 
+def _ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -775,6 +979,7 @@ def _encode_pin(pin: Pin) -> str:
         pin.seen_id,
         list(pin.moved_off) or None,
         list(pin.released_on) or None,
+        pin.upstream_id,
     ]
     while tail and tail[-1] is None:
         tail.pop()
@@ -782,8 +987,8 @@ def _encode_pin(pin: Pin) -> str:
 
 
 def _decode_pin(key: str, value: str | bytes) -> Pin:
-    fields = [*json.loads(value), *([None] * 8)][:10]  # older pins: 2 to 9 elements
-    alias, owner, created, moves, token, seen, left, released = fields[2:10]
+    fields = [*json.loads(value), *([None] * 9)][:11]  # older pins: 2 to 10 elements
+    alias, owner, created, moves, token, seen, left, released, upstream = fields[2:11]
     user, session_id = split_key(key)
     if user is not None:  # the key names the owner; a keyless (older) pin keeps its own
         owner = user
@@ -799,6 +1004,7 @@ def _decode_pin(key: str, value: str | bytes) -> Pin:
         None if seen is None else str(seen),
         tuple(str(a) for a in left or ()),
         tuple(str(a) for a in released or ()),
+        None if upstream is None else str(upstream),
     )
 
 

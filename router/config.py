@@ -341,6 +341,16 @@ class Settings(BaseSettings):
         default_factory=list, description="groups whose members may use the admin API"
     )
 
+    # --- may they (router/admit/policy.py) ---
+    policy_file: Path | None = Field(
+        None,
+        description="YAML file of roles (users, groups, pools, default_pool, admin) and deny "
+        "lists; reloaded when it changes (needs auth)",
+    )
+    policy_reload_seconds: float = Field(
+        2.0, gt=0, le=3600, description="how often the policy file is checked for changes"
+    )
+
     # --- up (local drivers) ---
     local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
     driver_memory: str = Field("1g", description="heap of each local driver (spark-submit)")
@@ -421,6 +431,11 @@ class Settings(BaseSettings):
         if (self.driver_tls_cert_file is None) != (self.driver_tls_key_file is None):
             problems.append("driver_tls_cert_file and driver_tls_key_file go together")
         modes = set(self.auth)
+        if self.policy_file is not None and modes == {"none"}:
+            problems.append(
+                "policy_file needs auth (a policy of who may use which pool cannot trust a "
+                "user_id that clients choose themselves)"
+            )
         if "token" in modes and self.token_file is None:
             problems.append("auth token needs token_file")
         if "jwt" in modes and not (

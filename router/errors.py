@@ -104,6 +104,15 @@ class PermissionDenied(RouterError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class PolicyDenied(PermissionDenied):
+    """The policy refuses the caller: on the deny list, in no role, or a pool not theirs."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        """`reason`: deny_list, no_role or pool (a metric label)."""
+        super().__init__(message)
+        self.reason = reason
+
+
 class OverBudget(RouterError):
     """A limit of the replica's memory budget was reached; the message names it and its setting.
 

@@ -39,6 +39,7 @@ from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, EventKind
 from router.admin.http import AdminListener
 from router.admit.auth import Authenticator
+from router.admit.policy_file import PolicyFile
 from router.config import ConfigError, Settings
 from router.dataplane import protocol
 from router.dataplane.proxy import Proxy
@@ -89,6 +90,13 @@ class Replica:
         self.upstreams = Upstreams(settings, dialing)
         try:
             self.auth = Authenticator.from_settings(settings, self.telemetry.authentications)
+            self.policy = (
+                None
+                if settings.policy_file is None
+                else PolicyFile(
+                    settings.policy_file, settings.default_pool, settings.policy_reload_seconds
+                )
+            )
         except ConfigError as exc:
             raise StartupError(str(exc)) from exc
         self.placement = Placement(
@@ -145,8 +153,16 @@ class Replica:
 
         server = grpc.aio.server(options=server_options(self.settings))
         await self.auth.start()  # token file read, JWKS fetched: before the first call
+        if self.policy is not None:
+            await self.policy.start()
         self.proxy = Proxy(
-            self.placement, self.upstreams, self.health, self.registry, self.settings, self.auth
+            self.placement,
+            self.upstreams,
+            self.health,
+            self.registry,
+            self.settings,
+            self.auth,
+            self.policy,
         )
         # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
         # rest), so the health service's calls reach its own handlers.
@@ -371,6 +387,8 @@ class Replica:
             await self.admin.stop()
             self.admin = None
         await self.auth.close()
+        if self.policy is not None:
+            await self.policy.close()
         await self.upstreams.close()
         await self.registry.close()
         self.telemetry.shutdown()  # flush the spans of the last calls

@@ -174,6 +174,15 @@ class Telemetry:
             ["reason"],
             registry=r,
         )
+        self.denials = Counter(
+            "spark_router_denials",
+            "calls refused PERMISSION_DENIED by the policy (policy_file), by reason: "
+            "deny_list, no_role, pool",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("deny_list", "no_role", "pool"):
+            self.denials.labels(reason)
         self.refused_over_budget = Counter(
             "spark_router_refused_over_budget",
             "calls refused RESOURCE_EXHAUSTED by the memory budget, by the limit reached "

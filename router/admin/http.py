@@ -51,6 +51,7 @@ from registry.models import DrainMode, Driver, Pin
 from router.admin import records as operations
 from router.admit.auth import Authenticator, Credentials
 from router.admit.policy import is_admin
+from router.admit.policy_file import PolicyFile
 from router.config import Settings
 from router.dataplane.proxy import Proxy
 from router.errors import RouterError, Unauthenticated
@@ -83,6 +84,7 @@ class Operated(Protocol):
     health: Health
     proxy: Proxy
     auth: Authenticator
+    policy: PolicyFile | None
     static_drivers: tuple[str, ...]
     shutting_down: bool
     registry_reachable: bool
@@ -217,11 +219,6 @@ class AdminListener:
         self.port = 0
         token = replica.settings.admin_token
         self._token = None if token is None else token.get_secret_value().encode()
-        settings = replica.settings
-        # Users' credentials open the API only when some user or group holds the role.
-        self._by_role = settings.auth_enabled and bool(
-            settings.admin_users or settings.admin_groups
-        )
 
     def app(self) -> web.Application:
         """The aiohttp application: probes, /metrics and the API."""
@@ -296,9 +293,10 @@ class AdminListener:
         ways = []
         if self._token is not None:
             ways.append("'Authorization: Bearer <admin_token>'")
-        if self._by_role:
-            ways.append("the credentials of a user in admin_users or admin_groups")
-        if not self._by_role:
+        by_role = self._by_role()
+        if by_role:
+            ways.append("the credentials of a user in admin_users, admin_groups or an admin role")
+        if not by_role:
             if self._token is None:
                 return _error(
                     403,
@@ -312,14 +310,33 @@ class AdminListener:
             identity = await self._replica.auth.authenticate(credentials)
         except Unauthenticated as exc:
             return _error(401, f"the admin API needs {' or '.join(ways)}: {exc}", challenge)
-        if not is_admin(identity, settings):
+        policy = self._replica.policy
+        if not (
+            is_admin(identity, settings)
+            if policy is None
+            else policy.current.is_admin(identity, settings)
+        ):
             log.info(
                 "admin API: %s refused to user %s (no admin role)", request.path, identity.user
             )
             return _error(
-                403, f"user {identity.user!r} has no admin role (admin_users, admin_groups)"
+                403,
+                f"user {identity.user!r} has no admin role (admin_users, admin_groups, or a "
+                "policy role with admin: true)",
             )
         return None
+
+    def _by_role(self) -> bool:
+        """Whether users' credentials may open the API: some user or group holds the role."""
+        settings = self._replica.settings
+        if not settings.auth_enabled:
+            return False
+        policy = self._replica.policy
+        return bool(
+            settings.admin_users
+            or settings.admin_groups
+            or (policy is not None and any(r.spec.admin for r in policy.current.roles))
+        )
 
     @staticmethod
     def _authorized(request: web.Request, token: bytes) -> bool:

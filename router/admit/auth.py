@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -189,7 +189,39 @@ class _Mode:
 # --- token -----------------------------------------------------------------------------
 
 
-def _file_signature(path: Path) -> tuple[int, int, int] | None:
+class Reloader:
+    """Calls `reload` every `seconds` in a task of its own, from `start` until `close`."""
+
+    def __init__(self, reload: Callable[[], Awaitable[object]], seconds: float, what: str) -> None:
+        self._reload = reload
+        self._seconds = seconds
+        self._what = what
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._seconds)
+            try:
+                await self._reload()
+            except Exception:  # a bug here must not end reloading for good
+                log.exception("%s reload failed", self._what)
+
+    def start(self) -> None:
+        """Start the task; idempotent."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"{self._what} reload")
+
+    async def close(self) -> None:
+        """Stop the task."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What tells a changed file: its mtime, size and inode (None if it cannot be read)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -212,13 +244,12 @@ class _TokenMode(_Mode):
         super().__init__(counts)
         self._path = path
         self._claims = claims
-        self._reload_seconds = reload_seconds
-        self._signature = _file_signature(path)
+        self._signature = file_signature(path)
         try:
             self._table = self._identities(tokens.load(path))
         except tokens.TokenFileError as exc:
             raise ConfigError(f"auth token: {exc}") from None
-        self._task: asyncio.Task[None] | None = None
+        self._watch = Reloader(self.reload, reload_seconds, "token file")
 
     @staticmethod
     def _identities(table: dict[str, tuple[str, frozenset[str]]]) -> dict[str, Identity]:
@@ -245,7 +276,7 @@ class _TokenMode(_Mode):
 
     def _read_if_changed(self) -> dict[str, Identity] | None:
         """The new table if the file changed and parses; runs in a thread."""
-        signature = _file_signature(self._path)
+        signature = file_signature(self._path)
         if signature == self._signature:
             return None
         # Remember the signature even when the file is broken: one warning per change, and
@@ -266,26 +297,13 @@ class _TokenMode(_Mode):
         log.info("token file %s reloaded: %d tokens", self._path, len(table))
         return True
 
-    async def _watch(self) -> None:
-        while True:
-            await asyncio.sleep(self._reload_seconds)
-            try:
-                await self.reload()
-            except Exception:  # a bug here must not end reloading for good
-                log.exception("token file reload failed")
-
     async def start(self) -> None:
         """Watch the token file."""
-        if self._task is None:
-            self._task = asyncio.create_task(self._watch(), name="token-file-reload")
+        self._watch.start()
 
     async def close(self) -> None:
         """Stop watching."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._watch.close()
 
 
 # --- jwt -------------------------------------------------------------------------------

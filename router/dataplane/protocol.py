@@ -333,21 +333,37 @@ def with_user(request: bytes, user: str) -> bytes:
     )
 
 
-def for_driver(method: Method, alias: str | None, request: bytes) -> bytes:
+def for_driver(
+    method: Method, alias: str | None, request: bytes, upstream: str | None = None
+) -> bytes:
     """A request as its driver must see it: a moved session's old server-side id removed.
 
-    `alias` is the server-side id a moved session's client keeps seeing (None: not moved).
+    `alias` is the server-side id a moved session's client keeps seeing (None: not moved);
+    `upstream` the session id its driver knows it by, if not the client's (Pin.upstream_id).
     """
-    if alias is None or method.observed_field is None:
-        return request
-    return wire.strip_field(request, method.observed_field)
+    if alias is not None and method.observed_field is not None:
+        request = wire.strip_field(request, method.observed_field)
+    return request if upstream is None else to_upstream(request, upstream)
 
 
-def for_client(method: Method, alias: str | None, response: bytes) -> bytes:
-    """A response as the client must see it: a moved session keeps its first server-side id."""
-    if alias is None or not method.response_server_side_field:
-        return response
-    return wire.replace_string(response, method.response_server_side_field, alias)
+def to_upstream(request: bytes, upstream: str) -> bytes:
+    """A request whose session_id is `upstream` (the id its driver knows the session by)."""
+    try:
+        return wire.replace_string(request, SESSION_ID_FIELD, upstream)
+    except wire.WireError as exc:
+        raise BadRequest(f"the request is not a valid Spark Connect message ({exc})") from exc
+
+
+def for_client(
+    method: Method, alias: str | None, response: bytes, session_id: str | None = None
+) -> bytes:
+    """A response as the client must see it: a moved session keeps its first server-side id,
+    and (`session_id`, when its driver knows it by another id) its own session id."""
+    if alias is not None and method.response_server_side_field:
+        response = wire.replace_string(response, method.response_server_side_field, alias)
+    if session_id is not None and method.response_session_field:
+        response = wire.replace_string(response, method.response_session_field, session_id)
+    return response
 
 
 def server_side_of(method: Method, response: bytes) -> str | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any, NoReturn
 
@@ -32,6 +33,7 @@ from registry.base import Registry
 from registry.models import Pin, split_key
 from router import errors
 from router.admit.auth import Authenticator, Credentials, Identity
+from router.admit.policy_file import PolicyFile
 from router.config import Settings
 from router.dataplane import protocol
 from router.dataplane.budget import Budget, Held
@@ -45,6 +47,7 @@ from router.errors import (
     NoLiveDriver,
     OverBudget,
     PermissionDenied,
+    PolicyDenied,
     RerunDiffers,
     RouterError,
 )
@@ -118,10 +121,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         registry: Registry,
         settings: Settings,
         auth: Authenticator | None = None,
+        policy: PolicyFile | None = None,
     ) -> None:
         self._placement = placement
         # None with auth none: the hot path then skips admission altogether.
         self._auth = auth if auth is not None and auth.enabled else None
+        self._policy = policy if self._auth is not None else None  # Settings: it needs auth
         self._reject_spoofing = settings.identity == "reject"
         # Credentials are the router's business: with authentication on, or a token of its
         # own for drivers, the client's authorization (and identity headers) never go on.
@@ -241,8 +246,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     pin = await self._failed_over(
                         None, attempt, pin, method, request, info, md, context, obs
                     )
-            alias = pin.server_side_id
-            if alias is None and pin.seen_id is None and self._learn:
+            if pin.server_side_id is None and pin.seen_id is None and self._learn:
                 self._learned(method, pin, response)
             await _relay_metadata(context, call)
             if method.name in protocol.JOURNALED:
@@ -251,7 +255,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 await self._release(info.key)
             elif method.name == "CloneSession":
                 await self._cloned(info, pin, response)
-            return response if alias is None else protocol.for_client(method, alias, response)
+            return _for_client(method, pin, response)
 
     async def _unary_stream(
         self,
@@ -352,7 +356,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 self._learned(method, pin, response)
             if tape is not None:
                 await self.recorder.record_tape(info.key, method, tape)
-            return protocol.for_client(method, pin.server_side_id, response)
+            return _for_client(method, pin, response)
 
     async def _stream_stream(
         self,
@@ -404,13 +408,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         rest: AsyncIterator[bytes],
         obs: CallObservation,
     ) -> AsyncIterator[bytes]:
-        alias = pin.server_side_id
+        alias, upstream = pin.server_side_id, pin.upstream_id
         user = info.rewrite_user
         obs.bytes_to_driver += len(first)
-        yield _first_for(info, alias, first)
+        yield _first_for(info, pin, first)
         async for request in rest:
             obs.bytes_to_driver += len(request)
-            request = protocol.for_driver(method, alias, request)
+            request = protocol.for_driver(method, alias, request, upstream)
             yield request if user is None else protocol.with_user(request, user)
 
     def _dial(
@@ -426,7 +430,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> Any:
         """Start the upstream call of a unary-request shape on the driver of `pin`."""
         return self._upstreams.call(pin.driver, shape, method.path)(
-            _first_for(info, pin.server_side_id, request),
+            _first_for(info, pin, request),
             metadata=obs.forwarding(pin.driver, pin.pool, md),
             timeout=timeout,
         )
@@ -476,8 +480,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         md: list[tuple[str, str | bytes]],
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
+        refuse_new: RouterError | None = None,
     ) -> Pin:
         """The session's pin, moving it (sessions/migration.py) if its driver is dead.
+
+        `refuse_new`: the error a session that has no pin yet gets instead of one.
 
         With no live driver in the pool, the call waits (once, at most
         `no_driver_wait_seconds` after a driver of the pool went down) for one to recover,
@@ -488,7 +495,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             lead = ""
             try:
                 pin = await self._placement.place(
-                    info.session_id, info.pool, info.user or None, claim=self._auth is not None
+                    info.session_id,
+                    info.pool,
+                    info.user or None,
+                    claim=self._auth is not None,
+                    refuse_new=refuse_new,
                 )
                 if self._placement.is_live(pin.driver):
                     if pin.key in self._placement.stale:
@@ -509,6 +520,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     waited = True
                     continue
                 await _abort(context, exc.explained(self._health.last_errors, lead))
+            except PolicyDenied as exc:  # refuse_new
+                self._telemetry.denials.labels(exc.reason).inc()
+                await _abort(context, exc)
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -641,9 +655,27 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         try:
             metadata = _as_dict(raw_md, self._single)
             info = protocol.identify(method, metadata, first, self._max_identifier)
+            identity = None
+            refuse_new = None
             if self._auth is not None:
                 credentials = Credentials(metadata, context.peer, context.auth_context)
-                info = self._as_caller(info, await self._auth.authenticate(credentials))
+                identity = await self._auth.authenticate(credentials)
+                info = self._as_caller(info, identity)
+                if self._policy is not None:
+                    try:
+                        pool = self._policy.current.pool_for(identity, info.pool)
+                    except PolicyDenied as exc:
+                        if info.pool is not None or exc.reason != "pool":
+                            raise
+                        # Their default pool is not theirs: that refuses new sessions only,
+                        # a session placed before may still be on a pool they may use.
+                        refuse_new = exc
+                    else:
+                        if pool != info.pool:
+                            info = replace(info, pool=pool)
+        except PolicyDenied as exc:
+            self._telemetry.denials.labels(exc.reason).inc()
+            await _abort(context, exc)
         except RouterError as exc:
             await _abort(context, exc)
         if self._telemetry.tracer is not None:
@@ -652,7 +684,15 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         placement = self._placement
         pin = placement.known(info.key)
         if pin is None or pin.driver in placement.move_idle or not placement.is_live(pin.driver):
-            pin = await self._placed(method, first, info, md, context, obs)
+            pin = await self._placed(method, first, info, md, context, obs, refuse_new)
+        if pin.pool != info.pool and identity is not None and self._policy is not None:
+            # Placed before (another pool asked, or a reload since): it stays where it is,
+            # if the policy still lets the caller use that pool.
+            try:
+                self._policy.current.check_pool(identity, pin.pool)
+            except PolicyDenied as exc:
+                self._telemetry.denials.labels(exc.reason).inc()
+                await _abort(context, exc)
         return info, md, pin
 
     def _as_caller(self, info: RequestInfo, identity: Identity) -> RequestInfo:
@@ -711,7 +751,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         response (RESPONSE_ALREADY_RECEIVED). `rerun.Shown` keeps the second run from
         telling the client anything twice, and stops it if its results differ.
         """
-        alias = pin.server_side_id
+        # None: the client sees the driver's responses as they are (a session never moved).
+        shown_as = pin.server_side_id or pin.upstream_id
         shown = Shown() if rerun is not None else None
         try:
             initial = await call.initial_metadata()
@@ -729,11 +770,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                         if journal is not None and protocol.completes(response):
                             await self.recorder.append(*journal)
                             journal = None
-                        yield (
-                            response
-                            if alias is None
-                            else protocol.for_client(method, alias, response)
-                        )
+                        yield response if shown_as is None else _for_client(method, pin, response)
                         response = await call.read()
                     if shown is not None:
                         shown.ended()
@@ -760,7 +797,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     shown.results,
                     pin.driver,
                 )
-                alias = pin.server_side_id
+                shown_as = pin.server_side_id or pin.upstream_id
                 response = await call.read()
             trailing = await call.trailing_metadata()
             if trailing:
@@ -802,11 +839,22 @@ def _cut_off(pin: Pin) -> DriverUnreachable:
     )
 
 
-def _first_for(info: RequestInfo, alias: str | None, first: bytes) -> bytes:
-    """The first request as the driver must see it: observed id cut (moved), user rewritten."""
-    body = first if alias is None else info.without_observed(first)
+def _first_for(info: RequestInfo, pin: Pin, first: bytes) -> bytes:
+    """The first request as the driver must see it: observed id cut (moved), session id the
+    driver's (Pin.upstream_id), user rewritten."""
+    body = first if pin.server_side_id is None else info.without_observed(first)
+    if pin.upstream_id is not None:
+        body = protocol.to_upstream(body, pin.upstream_id)
     user = info.rewrite_user
     return body if user is None else protocol.with_user(body, user)
+
+
+def _for_client(method: Method, pin: Pin, response: bytes) -> bytes:
+    """A response as the client of a moved session must see it (protocol.for_client)."""
+    if pin.server_side_id is None and pin.upstream_id is None:
+        return response
+    own = None if pin.upstream_id is None else pin.session_id
+    return protocol.for_client(method, pin.server_side_id, response, own)
 
 
 def _as_user(info: RequestInfo, request: bytes) -> bytes:

@@ -87,7 +87,7 @@ class Releases:
             while True:
                 try:
                     await self._upstreams.channel(pin.driver).unary_unary(method.path)(
-                        protocol.for_driver(method, pin.server_side_id, request),
+                        protocol.for_driver(method, pin.server_side_id, request, pin.upstream_id),
                         metadata=md,
                         timeout=30,
                     )

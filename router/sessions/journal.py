@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from router.dataplane import wire
-from router.dataplane.protocol import METHODS
+from router.dataplane.protocol import METHODS, SESSION_ID_FIELD
 
 __all__ = [
     "COMPLETED",
@@ -442,8 +442,16 @@ def _inflate_command(compressed: memoryview) -> memoryview | None:
 # --- replay ----------------------------------------------------------------------------
 
 
-def for_replay(method: str, request: bytes) -> bytes:
-    """The request as a new driver must get it (module docstring); WireError if malformed."""
+def for_replay(method: str, request: bytes, upstream: str | None = None) -> bytes:
+    """The request as a new driver must get it (module docstring); WireError if malformed.
+
+    `upstream`: the session id the new driver knows the session by (Pin.upstream_id).
+    """
+    body = _for_replay(method, request)
+    return body if upstream is None else wire.replace_string(body, SESSION_ID_FIELD, upstream)
+
+
+def _for_replay(method: str, request: bytes) -> bytes:
     known = METHODS.get(method)
     drop: set[int] = set()
     if known is not None and known.observed_field is not None:

@@ -258,10 +258,15 @@ class Mover:
         if decided is None:
             return pin, False
         moved_off, released_on = pin.moved_off, pin.released_on
+        upstream = pin.upstream_id
         if target != pin.driver:  # not a rebuild on a restarted driver (Proxy._rebuilt)
             moved_off = _latest(moved_off, pin.driver)
             if decided.release is not Release.NONE:
                 released_on = _latest(released_on, pin.driver)
+        if target in released_on:
+            # That driver refuses the id for good (SESSION_CLOSED): the session goes there
+            # under an id of its own, unknown to every driver, so nothing is left to avoid.
+            upstream, moved_off, released_on = str(uuid.uuid4()), (), ()
         new = replace(
             pin,
             driver=target,
@@ -270,6 +275,7 @@ class Mover:
             moves=pin.moves + 1,
             moved_off=moved_off,
             released_on=released_on,
+            upstream_id=upstream,
         )
         winner, moved_here = await self._placement.move(pin, new)
         if not moved_here:
@@ -314,7 +320,7 @@ class Mover:
                 channel = self._upstreams.channel(pin.driver)
                 try:
                     for raw in entries[done:]:
-                        await _send(channel, raw, metadata)
+                        await _send(channel, raw, metadata, pin.upstream_id)
                         done += 1
                     break
                 except (grpc.aio.AioRpcError, ValueError) as exc:  # ValueError: a bad entry
@@ -346,7 +352,7 @@ class Mover:
         """The server-side id a session has on its driver (asked as its owner), or None."""
         from pyspark.sql.connect.proto import base_pb2
 
-        request = base_pb2.ConfigRequest(session_id=pin.session_id)
+        request = base_pb2.ConfigRequest(session_id=pin.driver_session_id)
         request.user_context.user_id = pin.owner or ""
         request.operation.is_modifiable.keys.append("spark.sql.shuffle.partitions")
         try:
@@ -366,7 +372,7 @@ class Mover:
         """Close a moved session on the driver it left (best effort: the driver may be gone)."""
         from pyspark.sql.connect.proto import base_pb2
 
-        request = base_pb2.ReleaseSessionRequest(session_id=pin.session_id)
+        request = base_pb2.ReleaseSessionRequest(session_id=pin.driver_session_id)
         request.user_context.user_id = pin.owner or ""
         path = protocol.PATH_PREFIX + "ReleaseSession"
         try:
@@ -377,16 +383,21 @@ class Mover:
             log.info("session %s: release on %s failed: %s", pin.session_id, pin.driver, exc)
 
 
-async def _send(channel: grpc.aio.Channel, raw: bytes, metadata: Metadata) -> None:
-    """Replay one journal entry; raises what the driver answered if it failed."""
+async def _send(
+    channel: grpc.aio.Channel, raw: bytes, metadata: Metadata, upstream: str | None
+) -> None:
+    """Replay one journal entry (as session `upstream` if set); raises what the driver
+    answered if it failed."""
     entry = journal.JournalEntry.decode(raw)
     path = protocol.PATH_PREFIX + entry.method
     md = tuple(metadata)
     if entry.method == journal.ARTIFACTS:
-        chunks = [journal.for_replay(entry.method, m) for m in journal.unframe(entry.request)]
+        chunks = [
+            journal.for_replay(entry.method, m, upstream) for m in journal.unframe(entry.request)
+        ]
         await channel.stream_unary(path)(_each(chunks), metadata=md, timeout=_REPLAY_TIMEOUT)
         return
-    body = journal.for_replay(entry.method, entry.request)
+    body = journal.for_replay(entry.method, entry.request, upstream)
     if entry.method == "ExecutePlan":
         async for _ in channel.unary_stream(path)(body, metadata=md, timeout=_REPLAY_TIMEOUT):
             pass

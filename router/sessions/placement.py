@@ -187,13 +187,20 @@ class Placement:
         return pin
 
     async def place(
-        self, session_id: str, pool: str | None, owner: str | None = None, *, claim: bool = False
+        self,
+        session_id: str,
+        pool: str | None,
+        owner: str | None = None,
+        *,
+        claim: bool = False,
+        refuse_new: Exception | None = None,
     ) -> Pin:
         """The pin of (owner, session id), creating it on the session's first call.
 
         With `claim` (authentication on), a session id is one user's: a new pin for an id
         that another user holds is PermissionDenied, on every replica (registry.claim).
         During a registry outage the claim cannot be checked; the pin is made anyway.
+        `refuse_new` is raised instead of making a pin for a session that has none.
         """
         key = session_key(owner, session_id)
         pin = self.known(key)
@@ -207,7 +214,11 @@ class Placement:
                 return self._placed(pin, "registry")
         except RegistryUnavailable as exc:
             self._registry_down(exc)
+            if refuse_new is not None:
+                raise refuse_new from None
             return self._placed(self._pending_pin(self._new_pin(session_id, pool, owner)))
+        if refuse_new is not None:
+            raise refuse_new
         return await self._bind_new(self._new_pin(session_id, pool, owner), "ring", claim)
 
     async def pin_clone(self, source: Pin, clone_id: str, *, claim: bool = False) -> Pin:

@@ -594,3 +594,46 @@ def test_drain_move_idle_moves_a_live_session_with_its_state(
     finally:
         spark.stop()
         router.stop()
+
+
+def test_a_session_moved_back_to_a_driver_that_released_it_goes_on_under_a_new_id_there(
+    drivers: LocalDrivers, redis_url: str
+) -> None:
+    """Spark refuses a released session id for the rest of a driver's life (SESSION_CLOSED).
+
+    Drained off its first driver (which releases it) and then losing the second, a session
+    has only the first left: the router opens it there under an id of its own, replays its
+    state, and the client keeps its session id and server-side id.
+    """
+    router = Router(drivers, SPARK_ROUTER_REGISTRY=redis_url)
+    spark = SparkSession.builder.remote(router.url).create()
+    try:
+        spark.conf.set("spark.sql.shuffle.partitions", "7")
+        spark.sql("CREATE OR REPLACE TEMP VIEW sql_view AS SELECT id * 3 AS v FROM range(10)")
+        home = _victim_of(drivers, spark)
+        seen = spark.client._server_session_id
+        code, out = _cli("drain", home.address, "--registry", redis_url, "--move-idle")
+        assert code == 0, out
+        wait_until(
+            lambda: int(spark.conf.get(PORT_CONF)) != home.port,
+            15,
+            "the session to move off the drained driver",
+        )
+        assert _cli("drain", home.address, "--registry", redis_url, "--undo")[0] == 0
+        wait_until(
+            lambda: f"{home.address} (default, active)" in router.log().rsplit("membership:")[-1],
+            15,
+            "the router to hear of the undrain",
+        )
+        second = _victim_of(drivers, spark)
+        _kill(second)
+        assert spark.conf.get("spark.sql.shuffle.partitions") == "7"
+        assert spark.sql("SELECT sum(v) AS s FROM sql_view").collect()[0].s == 135
+        assert int(spark.conf.get(PORT_CONF)) == home.port
+        assert spark.client._server_session_id == seen
+        log = router.log()
+        assert f"moved from {second.address} to {home.address} (driver down)" in log, log[-3000:]
+        assert "SESSION_CLOSED" not in log, log[-3000:]
+    finally:
+        spark.stop()
+        router.stop()

@@ -483,3 +483,31 @@ async def test_a_driver_restarted_on_its_address_gets_its_sessions_state_back() 
         await replica.stop(0)
         if again is not None:
             await again.stop()
+
+
+async def test_a_session_moved_back_to_a_driver_that_released_it_gets_an_id_of_its_own_there(
+    env: Env,
+) -> None:
+    s = str(uuid.uuid4())
+    original, home, other = await _open(env.stub, env.drivers, s)
+    drained, _ = await env.mover.move(await _pin(env.replica, s), Reason.DRAIN, observed=original)
+    await eventually(lambda: _calls(home, s, "ReleaseSession") == 1, "the release on home")
+    assert drained.upstream_id is None
+    # Only home is left for the next move, and it released the id: a new one there.
+    back, moved_here = await env.mover.move(drained, Reason.ADMIN, target=home.address)
+    assert moved_here and back.driver == home.address
+    upstream = back.upstream_id
+    assert upstream is not None and upstream != s
+    assert (back.moved_off, back.released_on) == ((), ())  # a new id is clean everywhere
+    assert await _pin(env.replica, s) == back
+    assert await _confs_on(home, upstream) == CONFS  # replayed under the new id
+    # The client knows nothing of it: its session id and its first server-side id.
+    got = await env.stub.Config(_get(s, original, PORT_KEY), timeout=10)
+    assert (got.session_id, got.server_side_session_id) == (s, original)
+    assert got.pairs[0].value == str(home.port)
+    assert _calls(home, upstream, "Config") == len(CONFS) + 2  # replay, _confs_on, the client
+    assert _calls(home, s, "Config") == len(CONFS) + 1  # the first life's calls, no more
+    # Moved on again: the session keeps the id its current driver knows it by.
+    onward, _ = await env.mover.move(back, Reason.DRIVER_DOWN, observed=original)
+    assert onward.driver == other.address and onward.upstream_id == upstream
+    assert await _confs_on(other, upstream) == CONFS

@@ -15,11 +15,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from registry.base import Registry
+from registry.base import Registry, RegistryUnavailable
 from registry.memory import MemoryRegistry
 from registry.models import DrainMode, Driver, DriverState, Event, EventKind, Pin, session_key
 from registry.redis import RedisRegistry
-from tests.helpers import Listener
+from tests.helpers import Listener, free_port
 
 WAIT = 5.0  # seconds: the most any condition below may take to hold
 
@@ -234,6 +234,13 @@ async def test_the_drivers_a_session_was_moved_off_survive_the_store(
     assert event.pin is not None and event.pin.moved_off == ("d1:1",)
     event = await heard.next()
     assert event.pin is not None and event.pin.released_on == ("d2:1",)
+    # Moved back to a driver that released it: under an id of its own there.
+    back = Pin("s1", "d2:1", move_token="v", upstream_id="u-1")
+    assert await reg.move("s1", "d3:1", back) == back
+    found = await other.get_pin("s1")
+    assert found is not None and found.upstream_id == "u-1" and found.driver_session_id == "u-1"
+    event = await heard.next()
+    assert event.pin is not None and event.pin.upstream_id == "u-1"
 
 
 async def test_any_text_is_a_valid_identifier(store: Harness, listen: Listen) -> None:
@@ -658,3 +665,207 @@ async def test_a_claim_expires_with_its_pins_and_touch_keeps_it(store: Harness) 
 
     await eventually(store, dropped_is_free, "the untouched claim to expire")
     assert await reg.claim("kept", "bob") == "alice"
+
+
+# --- quota counters ---------------------------------------------------------------------
+
+
+async def counted(reg: Registry, user: str) -> int:
+    """How many sessions count against `user` now (an acquire that can never be granted)."""
+    grant = await reg.quota_session_acquire(user, "probe/never-bound", 0, 60.0)
+    assert not grant.granted
+    return grant.current
+
+
+async def test_concurrent_session_acquires_never_pass_the_limit(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    keys = [session_key("alice", f"s{i}") for i in range(40)]
+    grants = await asyncio.gather(
+        *(
+            (reg if i % 2 else other).quota_session_acquire("alice", k, 5, 60.0)
+            for i, k in enumerate(keys)
+        )
+    )
+    won = [k for k, g in zip(keys, grants, strict=True) if g.granted]
+    assert len(won) == 5
+    assert sorted(g.current for g in grants if g.granted) == [1, 2, 3, 4, 5]
+    assert {g.current for g in grants if not g.granted} == {5}
+    # A session counted already is refreshed, not refused, at the limit.
+    assert await other.quota_session_acquire("alice", won[0], 5, 60.0) == (True, 5)
+    assert await counted(reg, "alice") == 5
+    # Another user is unaffected.
+    assert await reg.quota_session_acquire("bob", session_key("bob", "s0"), 1, 60.0) == (True, 1)
+
+
+async def test_a_released_session_frees_its_slot(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    first, second, third = (session_key("alice", s) for s in ("s1", "s2", "s3"))
+    assert (await reg.quota_session_acquire("alice", first, 2, 60.0)).granted
+    assert (await reg.quota_session_acquire("alice", second, 2, 60.0)).granted
+    assert await other.quota_session_acquire("alice", third, 2, 60.0) == (False, 2)
+    await other.quota_session_release("alice", first)
+    assert await reg.quota_session_acquire("alice", third, 2, 60.0) == (True, 2)
+    await reg.quota_session_release("alice", "never-counted")  # nothing to release: fine
+    await reg.quota_session_release("nobody", first)
+
+
+async def test_a_session_counts_while_its_pin_lives_and_its_release_frees_it(
+    store: Harness,
+) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    pin = Pin("s1", "d1:1", owner="alice")
+    # A reservation shorter than anything: from then on only the pin keeps it counted.
+    assert (await reg.quota_session_acquire("alice", pin.key, 1, 0.001)).granted
+    await reg.bind(pin)
+    await store.tick()
+    await store.tick()
+    assert await other.quota_session_acquire("alice", session_key("alice", "s2"), 1, 60.0) == (
+        False,
+        1,
+    )
+    await other.release(pin.key)  # ReleaseSession forgets the pin: the slot is free
+    assert await reg.quota_session_acquire("alice", session_key("alice", "s2"), 1, 60.0) == (
+        True,
+        1,
+    )
+
+
+async def test_an_unbound_session_stops_counting_when_its_reservation_expires(
+    store: Harness,
+) -> None:
+    reg = await store.open()
+    assert (await reg.quota_session_acquire("alice", session_key("alice", "s1"), 1, 0.3)).granted
+    assert await counted(reg, "alice") == 1
+
+    async def free() -> bool:
+        return await counted(reg, "alice") == 0
+
+    await eventually(store, free, "the reservation to expire")
+    assert (await reg.quota_session_acquire("alice", session_key("alice", "s2"), 1, 60.0)).granted
+
+
+async def test_touched_sessions_keep_counting_and_expired_pins_free_their_slot(
+    store: Harness,
+) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    other = await store.peer(reg)
+    kept, dropped = Pin("kept", "d1:1", owner="alice"), Pin("dropped", "d1:1", owner="alice")
+    for pin in (kept, dropped):
+        assert (await reg.quota_session_acquire("alice", pin.key, 5, 0.001)).granted
+        await reg.bind(pin)
+
+    async def dropped_gone_while_kept_touched() -> bool:
+        await other.touch([kept.key])
+        return await reg.get_pin(dropped.key) is None
+
+    await eventually(store, dropped_gone_while_kept_touched, "the untouched pin to expire")
+    # Past pin_ttl since the acquire: the touched session still counts, the expired one not.
+    assert await counted(other, "alice") == 1
+
+    async def none_counted() -> bool:
+        return await counted(reg, "alice") == 0
+
+    await eventually(store, none_counted, "the pin to expire once no longer touched")
+
+
+async def test_concurrent_slot_acquires_never_pass_the_limit(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    grants = await asyncio.gather(
+        *(
+            (reg if i % 2 else other).quota_slots_acquire("alice", f"r{i % 2}", 7, 30.0)
+            for i in range(30)
+        )
+    )
+    assert sum(g.granted for g in grants) == 7
+    assert max(g.held for g in grants) == 7
+    assert all(g.held == 7 for g in grants if not g.granted)
+    assert (await reg.quota_slots_acquire("bob", "r0", 1, 30.0)).granted  # bob is apart
+
+
+async def test_slot_syncs_set_what_a_replica_holds_and_count_replicas(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.quota_slots_sync("r1", {"alice": (2, 1)}, 30.0) == 1
+    assert await other.quota_slots_acquire("alice", "r2", 3, 30.0) == (True, 3, 2)
+    assert await other.quota_slots_acquire("alice", "r2", 3, 30.0) == (False, 3, 2)
+    # r1 hands its slots back (0 held): r2 may lease them.
+    assert await reg.quota_slots_sync("r1", {"alice": (0, 0)}, 30.0) == 2
+    assert await other.quota_slots_acquire("alice", "r2", 3, 30.0) == (True, 2, 2)
+    assert await other.quota_slots_acquire("alice", "r2", 3, 30.0) == (True, 3, 3)
+    # A sync is absolute: r2 says it holds one (idle), so two more may be leased.
+    assert await other.quota_slots_sync("r2", {"alice": (1, 0)}, 30.0) == 2
+    assert await reg.quota_slots_acquire("alice", "r1", 3, 30.0) == (True, 2, 1)
+    assert await reg.quota_slots_sync("r1", {}, 30.0) == 2  # a plain renewal
+
+
+async def test_the_slots_of_a_dead_replica_expire_with_its_lease(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert (await reg.quota_slots_acquire("alice", "dead", 3, 1.0)).granted
+    assert (await reg.quota_slots_acquire("alice", "dead", 3, 1.0)).granted
+    # The live replica's slot keeps the user's record alive long after the dead lease.
+    assert await other.quota_slots_acquire("alice", "live", 3, 30.0) == (True, 3, 3)
+    assert await other.quota_slots_acquire("alice", "live", 3, 30.0) == (False, 3, 3)
+
+    async def freed() -> bool:
+        # The live replica keeps renewing; the dead one stopped.
+        await other.quota_slots_sync("live", {"alice": (1, 1)}, 30.0)
+        return (await other.quota_slots_acquire("alice", "live", 3, 30.0)).granted
+
+    await eventually(store, freed, "the dead replica's lease to expire")
+    assert await other.quota_slots_acquire("alice", "live", 3, 30.0) == (True, 3, 3)
+    assert await other.quota_slots_sync("live", {"alice": (3, 3)}, 30.0) == 1
+
+
+async def test_concurrent_token_leases_never_pass_the_bucket(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    grants = await asyncio.gather(
+        *(
+            (reg if i % 2 else other).quota_tokens_lease("user:alice", 0.001, 20, 3)
+            for i in range(30)
+        )
+    )
+    assert sum(g.granted for g in grants) == 20
+    assert all(g.retry_after == 0 for g in grants if g.granted)
+    refused = [g for g in grants if not g.granted]
+    assert refused and all(g.retry_after > 0 for g in refused)
+    assert (await reg.quota_tokens_lease("user:bob", 0.001, 20, 3)).granted == 3  # apart
+
+
+async def test_tokens_refill_with_time_up_to_the_burst(store: Harness) -> None:
+    reg = await store.open()
+    other = await store.peer(reg)
+    assert await reg.quota_tokens_lease("pool:etl", 10.0, 5, 100) == (5, 0.0)  # a full burst
+    empty = await other.quota_tokens_lease("pool:etl", 10.0, 5, 1)
+    assert empty.granted == 0 and 0 < empty.retry_after <= 0.1 + 1e-6
+
+    async def refilled() -> bool:
+        return (await other.quota_tokens_lease("pool:etl", 10.0, 5, 1)).granted == 1
+
+    await eventually(store, refilled, "a token to come back")
+    with pytest.raises(ValueError, match="rate > 0"):
+        await reg.quota_tokens_lease("pool:etl", 0.0, 5, 1)
+    with pytest.raises(ValueError, match="want >= 1"):
+        await reg.quota_tokens_lease("pool:etl", 1.0, 5, 0)
+
+
+async def test_quota_operations_on_an_unreachable_redis_raise_registry_unavailable() -> None:
+    reg = RedisRegistry.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens
+    try:
+        operations: list[Callable[[], Awaitable[object]]] = [
+            lambda: reg.quota_session_acquire("alice", "alice/s1", 1, 60.0),
+            lambda: reg.quota_session_release("alice", "alice/s1"),
+            lambda: reg.quota_slots_acquire("alice", "r1", 1, 30.0),
+            lambda: reg.quota_slots_sync("r1", {"alice": (1, 1)}, 30.0),
+            lambda: reg.quota_tokens_lease("user:alice", 1.0, 1, 1),
+        ]
+        for operation in operations:
+            with pytest.raises(RegistryUnavailable):
+                await operation()
+    finally:
+        await reg.close()

@@ -54,6 +54,7 @@ def test_settings_are_frozen() -> None:
         ({"workers": 0}, "workers: Input should be greater than or equal to 1"),
         ({"log_level": "loud"}, "not one of debug"),
         ({"driver_memory": "lots"}, "not a JVM memory size"),
+        ({"policy_file": "policy.yaml"}, "policy_file needs auth"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(kwargs: dict[str, object], message: str) -> None:

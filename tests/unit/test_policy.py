@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from router.admit.auth import ANONYMOUS, Identity
 from router.admit.policy import Policy, PolicyError
-from router.config import Settings
-from router.errors import PermissionDenied
+from router.admit.policy_file import PolicyFile, read_policy
+from router.config import ConfigError, Settings
+from router.errors import PermissionDenied, PolicyDenied
 
 POLICY = {
     "roles": {
@@ -82,3 +86,56 @@ def test_a_bad_policy_is_refused_saying_where(data: dict[str, object], says: str
     with pytest.raises(PolicyError) as err:
         Policy.parse(data, "default")
     assert says in str(err.value)
+
+
+def test_each_refusal_says_its_reason(policy: Policy) -> None:
+    cases = [("mallory", (), "deny_list"), ("zed", (), "no_role"), ("bob", ("analytics",), "pool")]
+    for user, groups, reason in cases:
+        with pytest.raises(PolicyDenied) as err:
+            policy.pool_for(who(user, *groups), "etl")
+        assert err.value.reason == reason, user
+
+
+def test_a_placed_sessions_pool_is_checked_against_the_policy_of_now(policy: Policy) -> None:
+    policy.check_pool(who("ann"), "etl")
+    with pytest.raises(PolicyDenied, match="'ann' may not use pool 'bi'"):
+        policy.check_pool(who("ann"), "bi")
+    with pytest.raises(PolicyDenied, match="deny list"):
+        policy.check_pool(who("ann", "contractors"), "etl")
+
+
+def test_the_policy_file_is_read_at_its_top_level_or_under_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(POLICY))
+    assert [r.name for r in read_policy(path, "default").roles] == ["analysts", "etl", "platform"]
+    path.write_text(yaml.safe_dump({"policy": POLICY}))
+    assert len(read_policy(path, "default").roles) == 3
+    path.write_text("roles: [1, 2")
+    with pytest.raises(PolicyError, match=f"policy file {path} is not valid YAML"):
+        read_policy(path, "default")
+    path.write_text("roles:\n  x:\n    pools: [a]\n    default_pool: b\n")
+    with pytest.raises(PolicyError, match=r"policy file .*roles\.x.*default_pool 'b'"):
+        read_policy(path, "default")
+
+
+async def test_a_changed_file_swaps_the_policy_and_a_broken_one_keeps_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(POLICY))
+    held = PolicyFile(path, "default", reload_seconds=60)
+    first = held.current
+    assert not await held.reload()  # unchanged
+    changed = {**POLICY, "deny_users": ["bob"]}
+    path.write_text(yaml.safe_dump(changed) + "\n# a longer file: a new size\n")
+    assert await held.reload()
+    with pytest.raises(PolicyDenied, match="deny list"):
+        held.current.pool_for(who("bob", "analytics"), None)
+    swapped = held.current
+    path.write_text("roles: [")
+    assert not await held.reload()
+    assert held.current is swapped and swapped is not first
+    assert "keeping the policy loaded before" in caplog.text
+    path.unlink()
+    with pytest.raises(ConfigError, match="policy file"):
+        PolicyFile(path, "default", reload_seconds=60)

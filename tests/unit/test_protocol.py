@@ -54,6 +54,7 @@ CONFIG = protocol.METHODS["Config"]
 
 
 S1 = "0f0e0d0c-0b0a-4908-8706-050403020100"
+S2 = "1f1e1d1c-1b1a-4918-9716-151413121110"
 
 
 def _config(session: str = "", user: str = "") -> bytes:
@@ -178,3 +179,19 @@ def test_a_digest_ignores_ids_and_tells_results_apart() -> None:
     other = base_pb2.ExecutePlanResponse.ArrowBatch(row_count=2, data=b"rowz" * 1000)
     assert digest(_response(arrow_batch=other)) != digest(first)
     assert digest(_response(result_complete={})) != digest(first)  # type: ignore[arg-type]
+
+
+def test_a_session_its_driver_knows_by_another_id_is_rewritten_both_ways() -> None:
+    method = protocol.METHODS["Config"]
+    request = base_pb2.ConfigRequest(session_id=S1, client_observed_server_side_session_id="x")
+    sent = base_pb2.ConfigRequest.FromString(
+        protocol.for_driver(method, "alias", request.SerializeToString(), upstream=S2)
+    )
+    assert sent.session_id == S2 and not sent.HasField("client_observed_server_side_session_id")
+    response = base_pb2.ConfigResponse(session_id=S2, server_side_session_id="new")
+    shown = base_pb2.ConfigResponse.FromString(
+        protocol.for_client(method, "alias", response.SerializeToString(), session_id=S1)
+    )
+    assert (shown.session_id, shown.server_side_session_id) == (S1, "alias")
+    untouched = response.SerializeToString()
+    assert protocol.for_client(method, None, untouched) == untouched
