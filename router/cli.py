@@ -503,6 +503,64 @@ def list_sessions(
     _table(rows)
 
 
+@cli.command("quotas")
+@click.option(
+    "--admin",
+    envvar="SPARK_ROUTER_ADMIN_URL",
+    required=True,
+    help="a replica's admin API, e.g. http://router:9464: the counts are that replica's.",
+)
+@click.option(
+    "--admin-token",
+    envvar="SPARK_ROUTER_ADMIN_TOKEN",
+    help="bearer token for the admin API: the replica's admin_token, or (auth on) the "
+    "token or JWT of a user in admin_users / admin_groups.",
+)
+@click.option("--json", "as_json", is_flag=True, help="print the answer as JSON.")
+def list_quotas(admin: str, admin_token: str | None, as_json: bool) -> None:
+    """Show the quotas and what one replica counts against them (its own view)."""
+    import json as jsonlib
+
+    from router.admin.client import AdminControl
+
+    found = _controlled(AdminControl(admin, admin_token).quotas)
+    if as_json:
+        click.echo(jsonlib.dumps(found))
+        return
+    if not found.get("active"):
+        click.echo(found.get("note") or "no quota is set in the policy file")
+        return
+    click.echo(
+        f"replica {found['replica']}: one of {found['replicas']} sharing the quotas"
+        + ("; registry unreachable: enforcing its share of each limit" if found["degraded"] else "")
+    )
+    click.echo("limits: " + jsonlib.dumps(found["limits"], sort_keys=True))
+    if found["users"]:
+        click.echo("")
+        rows: list[tuple[str, ...]] = [
+            ("USER", "RUNNING HERE", "SLOTS LEASED HERE", "SESSIONS OPENED IN OUTAGE")
+        ]
+        for u in found["users"]:
+            outage = u.get("sessions_opened_in_outage")
+            rows.append(
+                (
+                    u["user"] or "-",
+                    str(u["running"]),
+                    str(u["slots_leased"]),
+                    "-" if outage is None else str(outage),
+                )
+            )
+        _table(rows)
+    if found["buckets"]:
+        click.echo("")
+        rows = [("BUCKET", "TOKENS HELD HERE", "CALLS HERE LAST SECOND")]
+        for b in found["buckets"]:
+            rows.append(
+                (f"{b['kind']} {b['name']}", str(b["tokens_held"]), str(b["calls_last_second"]))
+            )
+        _table(rows)
+
+
 @cli.group("token")
 def token_group() -> None:
     """Issue, list and revoke the bearer tokens of `auth: token` (the token_file)."""

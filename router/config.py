@@ -351,6 +351,50 @@ class Settings(BaseSettings):
         2.0, gt=0, le=3600, description="how often the policy file is checked for changes"
     )
 
+    # --- within quota (router/admit/quotas.py; the limits are the policy file's quotas:) ---
+    quota_lease_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="calls per second: a replica leases at most this many seconds' worth of "
+        "a bucket's rate at a time (more: fewer registry round trips, a looser bound)",
+    )
+    quota_token_hold_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="calls per second: how long leased tokens stay usable before they lapse "
+        "unspent (they are never handed back)",
+    )
+    quota_slot_lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="running operations: how long a replica's leased slots stay taken after "
+        "its last renewal (a dead replica's slots free themselves after it)",
+    )
+    quota_sync_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often a replica hands back idle operation slots, renews its leases "
+        "(every quota_slot_lease_seconds / 3) and counts the replicas sharing quotas",
+    )
+    quota_idle_seconds: float = Field(
+        1.0,
+        ge=0,
+        le=600,
+        description="running operations: how long a slot stays leased to a replica, unused, "
+        "before it goes back at the next sync",
+    )
+    quota_slot_wait_seconds: float = Field(
+        3.0,
+        ge=0,
+        le=60,
+        description="running operations: how long an ExecutePlan of a user at the limit waits "
+        "for slots idle on other replicas to come back before it is refused",
+    )
+
     # --- up (local drivers) ---
     local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
     driver_memory: str = Field("1g", description="heap of each local driver (spark-submit)")
@@ -435,6 +479,13 @@ class Settings(BaseSettings):
             problems.append(
                 "policy_file needs auth (a policy of who may use which pool cannot trust a "
                 "user_id that clients choose themselves)"
+            )
+        if self.quota_slot_lease_seconds < 3 * self.quota_sync_seconds:
+            # Leases are renewed by the sync every slot lease / 3: a slower sync lets them
+            # lapse while in use, and other replicas would lease those slots again.
+            problems.append(
+                "quota_slot_lease_seconds must be at least 3 x quota_sync_seconds (leases "
+                "are renewed by the sync)"
             )
         if "token" in modes and self.token_file is None:
             problems.append("auth token needs token_file")

@@ -23,6 +23,10 @@ class RouterError(Exception):
 
     code = grpc.StatusCode.INTERNAL
 
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata the client gets with the status (none unless a subclass says)."""
+        return ()
+
 
 class BadRequest(RouterError):
     """The call cannot be routed as sent (no session, malformed message, ...)."""

@@ -16,6 +16,11 @@ change, client certificates under tls_client_auth require); without authenticati
 port beyond loopback the replica says so at start-up, since anyone who reaches the port
 can use every driver.
 
+With a policy file the replica enforces its `quotas:` (admit/quotas.py) through one
+QuotaGate: synced once at start, before the port opens, then every `quota_sync_seconds` in a
+background task; a reload of the file swaps its quotas with the policy; on stop its slots
+are handed back once the calls drained.
+
 `--workers N` is supervisor.py's.
 """
 
@@ -25,6 +30,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
@@ -39,7 +45,8 @@ from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, EventKind
 from router.admin.http import AdminListener
 from router.admit.auth import Authenticator
-from router.admit.policy_file import PolicyFile
+from router.admit.policy_file import Loaded, PolicyFile
+from router.admit.quotas import QuotaGate
 from router.config import ConfigError, Settings
 from router.dataplane import protocol
 from router.dataplane.proxy import Proxy
@@ -99,6 +106,7 @@ class Replica:
             )
         except ConfigError as exc:
             raise StartupError(str(exc)) from exc
+        self.quotas = None if self.policy is None else self._quota_gate(self.policy)
         self.placement = Placement(
             self.registry,
             Rings.build(self._static),
@@ -133,6 +141,41 @@ class Replica:
         self.port = 0
         self._started_proxy = False  # start() builds the proxy (and its journal recorder)
 
+    def _quota_gate(self, policy: PolicyFile) -> QuotaGate:
+        """The gate of the policy file's quotas, following its reloads."""
+        s = self.settings
+        degraded = self.telemetry.quota_degraded
+        gate = QuotaGate(
+            self.registry,
+            policy.quotas,
+            replica=uuid.uuid4().hex,  # per process: workers and restarts lease apart
+            lease_seconds=s.quota_lease_seconds,
+            token_hold_seconds=s.quota_token_hold_seconds,
+            slot_lease_seconds=s.quota_slot_lease_seconds,
+            sync_seconds=s.quota_sync_seconds,
+            idle_seconds=s.quota_idle_seconds,
+            slot_wait_seconds=s.quota_slot_wait_seconds,
+            on_degraded=lambda down: degraded.set(1 if down else 0),
+        )
+
+        def swap(loaded: Loaded) -> None:
+            gate.quotas = loaded.quotas
+
+        policy.follow(swap)
+        return gate
+
+    async def _sync_quotas(self, gate: QuotaGate) -> None:
+        """Every quota_sync_seconds: idle slots back, leases renewed, replicas counted."""
+        while True:
+            await asyncio.sleep(self.settings.quota_sync_seconds)
+            try:
+                await gate.sync()
+            except Exception:  # a bug must not stop renewals: other replicas would over-admit
+                log.exception(
+                    "quota sync failed; trying again in %ss", self.settings.quota_sync_seconds
+                )
+            self.telemetry.quota_replicas.set(gate.replicas)
+
     @property
     def address(self) -> str:
         """HOST:PORT the replica listens on (the real port when 0 was asked for)."""
@@ -155,6 +198,9 @@ class Replica:
         await self.auth.start()  # token file read, JWKS fetched: before the first call
         if self.policy is not None:
             await self.policy.start()
+        if self.quotas is not None:
+            await self.quotas.sync()  # this replica counted among those sharing the quotas
+            self.telemetry.quota_replicas.set(self.quotas.replicas)
         self.proxy = Proxy(
             self.placement,
             self.upstreams,
@@ -163,6 +209,7 @@ class Replica:
             self.settings,
             self.auth,
             self.policy,
+            self.quotas,
         )
         # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
         # rest), so the health service's calls reach its own handlers.
@@ -202,6 +249,11 @@ class Replica:
             asyncio.ensure_future(self._maintain()),
             *self._trims(),
             asyncio.ensure_future(self.health.run()),
+            *(
+                []
+                if self.quotas is None
+                else [asyncio.ensure_future(self._sync_quotas(self.quotas))]
+            ),
         ]
         self._warn_if_open()
         log.info(
@@ -382,6 +434,8 @@ class Replica:
             await self.placement.write_learned()
             if self._started_proxy:
                 await self.proxy.recorder.flush()
+        if self.quotas is not None:
+            await self.quotas.close()  # calls drained: every slot back for the other replicas
         if self.admin is not None:
             # Last of the listeners, before what its API uses (registry, upstreams) closes.
             await self.admin.stop()

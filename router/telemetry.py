@@ -183,6 +183,28 @@ class Telemetry:
         )
         for reason in ("deny_list", "no_role", "pool"):
             self.denials.labels(reason)
+        self.quota_refusals = Counter(
+            "spark_router_quota_refusals",
+            "calls refused RESOURCE_EXHAUSTED by a quota (the policy file's quotas:), by the "
+            "limit reached: sessions, running, calls_per_second, pool_calls_per_second",
+            ["limit"],
+            registry=r,
+        )
+        for limit in ("sessions", "running", "calls_per_second", "pool_calls_per_second"):
+            self.quota_refusals.labels(limit)
+        self.quota_degraded = Gauge(
+            "spark_router_quota_degraded",
+            "1 while quotas cannot reach the registry: each replica enforces its share "
+            "(limit / replicas) of every limit on its own",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.quota_replicas = Gauge(
+            "spark_router_quota_replicas",
+            "replicas sharing the quotas' leases, as this replica counted them at its last sync",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.refused_over_budget = Counter(
             "spark_router_refused_over_budget",
             "calls refused RESOURCE_EXHAUSTED by the memory budget, by the limit reached "

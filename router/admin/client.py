@@ -3,7 +3,7 @@
 `spark-router drivers | sessions | drain` take `--admin URL` (a replica's admin listener,
 which adds that replica's health view) or `--registry URL` (the shared registry itself, for
 when no replica is up). Both return the records of operations.py, so the CLI prints them
-the same way.
+the same way. `spark-router quotas` needs `--admin URL`: it shows that replica's counts.
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ class AdminControl:
         """One session, or None."""
         found = self._call("GET", "/api/sessions/" + urllib.parse.quote(session_id, safe=""))
         return None if found is None else dict(found)
+
+    def quotas(self) -> dict[str, Any]:
+        """The quotas and what this replica counts against them (its view only)."""
+        return dict(self._call("GET", "/api/quotas"))
 
     def drain(self, address: str, mode: DrainMode | None) -> dict[str, Any]:
         """Mark a driver draining in `mode`, or undrain it (None)."""

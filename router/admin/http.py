@@ -11,7 +11,10 @@ and scrapes need 0.0.0.0:9464; `off` turns the listener off):
 - `/api/...`: drivers (with this replica's own health view), sessions, drain / undrain (of a
   known driver only: registered, static, marked or holding sessions; else 404), move a
   session; the records of operations.py, as `spark-router drivers | sessions | drain
-  --admin URL` (control.py) expects them.
+  --admin URL` (control.py) expects them. `GET /api/quotas`: the policy file's quotas and
+  what THIS replica counts against them (QuotaGate.usage: its running operations, leased
+  slots and tokens, recent calls; the cluster's totals live in the registry), as
+  `spark-router quotas --admin URL` prints it.
 
 Invariants:
 - Who may use `/api/`: with `admin_token` set, a request carrying `Authorization: Bearer
@@ -52,6 +55,7 @@ from router.admin import records as operations
 from router.admit.auth import Authenticator, Credentials
 from router.admit.policy import is_admin
 from router.admit.policy_file import PolicyFile
+from router.admit.quotas import QuotaGate
 from router.config import Settings
 from router.dataplane.proxy import Proxy
 from router.errors import RouterError, Unauthenticated
@@ -85,6 +89,7 @@ class Operated(Protocol):
     proxy: Proxy
     auth: Authenticator
     policy: PolicyFile | None
+    quotas: QuotaGate | None
     static_drivers: tuple[str, ...]
     shutting_down: bool
     registry_reachable: bool
@@ -232,6 +237,7 @@ class AdminListener:
         app.router.add_get("/api/sessions", self._sessions)
         app.router.add_get("/api/sessions/{session_id}", self._session)
         app.router.add_post("/api/sessions/{session_id}/move", self._move)
+        app.router.add_get("/api/quotas", self._quotas)
         return app
 
     async def start(self) -> int:
@@ -442,6 +448,33 @@ class AdminListener:
             "takes new sessions again" if mode is None else f"is draining ({mode.value})",
         )
         return result
+
+    async def _quotas(self, request: web.Request) -> web.Response:
+        if request.query:
+            raise ApiError(400, f"unknown parameter(s) {', '.join(sorted(request.query))}")
+        gate = self._replica.quotas
+        if gate is None:
+            return _json(
+                {
+                    "view": "this replica",
+                    "active": False,
+                    "note": "no policy_file: no quotas are configured",
+                    "limits": None,
+                    "users": [],
+                    "buckets": [],
+                }
+            )
+        usage = gate.usage()
+        return _json(
+            {
+                "view": "this replica",
+                "note": "what this replica counts: running operations, slots and tokens "
+                "leased here, calls here in about the last second; session counts and the "
+                "other replicas' leases are in the registry",
+                **usage,
+                "limits": gate.quotas.spec.model_dump(mode="json", exclude_none=True),
+            }
+        )
 
     async def _move(self, request: web.Request) -> web.Response:
         r = self._replica

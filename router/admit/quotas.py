@@ -97,6 +97,8 @@ from registry.models import split_key
 from router.errors import RouterError
 
 __all__ = [
+    "LIMITS",
+    "RETRY_AFTER",
     "SESSION_RESERVE_SECONDS",
     "Limit",
     "Operation",
@@ -116,8 +118,14 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER = "retry-after"
+"""The trailing metadata of a rate refusal: seconds (3 decimals) the client may wait."""
+
 SESSION_RESERVE_SECONDS = 60.0
 """How long a session counts after its acquire before its pin exists (a failed placement)."""
+
+LIMITS = ("sessions", "running", "calls_per_second", "pool_calls_per_second")
+"""Every `QuotaExceeded.limit` (the label of the refusals metric)."""
 
 _CACHE_SIZE = 4096  # resolved limits kept per (user, groups); cleared whole when full
 _FORCE = 2**31 - 1  # a limit no count reaches: record a session whatever the count
@@ -352,6 +360,14 @@ class QuotaExceeded(RouterError):
         self.current = current
         self.retry_after = retry_after
 
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        """("retry-after", seconds) when the client may try again after a wait: rounded up
+        to the millisecond, so a wait is never sent as 0."""
+        if self.retry_after is None:
+            return ()
+        seconds = max(0.001, math.ceil(self.retry_after * 1000) / 1000)
+        return ((RETRY_AFTER, f"{seconds:.3f}"),)
+
 
 _OUTAGE = " (this replica's share of it while the registry is unreachable)"
 
@@ -548,6 +564,10 @@ class TokenLeases:
         """Tokens of `bucket` this replica holds now."""
         lease = self._leases.get(bucket)
         return 0 if lease is None or now >= lease.lapses else lease.tokens
+
+    def holdings(self, now: float) -> dict[str, tuple[int, int]]:
+        """Per bucket known here: (tokens held now, calls that wanted one in ~the last second)."""
+        return {b: (self.held(b, now), self.seen(b, now)) for b in self._leases}
 
     def prune(self, now: float) -> None:
         """Forget buckets whose tokens lapsed and that saw no call for a while."""
@@ -956,6 +976,38 @@ class QuotaGate:
             return
         with contextlib.suppress(RegistryUnavailable):  # else the leases expire by themselves
             await self._registry.quota_slots_sync(self.replica, snapshot, self._slot_lease)
+
+    # --- what operators see --------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any]:
+        """What this replica counts now (the admin API): its own view, not the cluster's.
+
+        Per user: operations running here, the slots leased here (running or idle), the
+        sessions opened here during a registry outage. Per bucket (`user:NAME`,
+        `pool:NAME`): tokens leased here and not spent yet, and the calls that wanted one
+        in about the last second here. Session counts live in the registry only.
+        """
+        now = self._clock()
+        users: dict[str, dict[str, Any]] = {}
+        for user, (held, busy) in self._slots.snapshot().items():
+            users[user] = {"user": user, "running": busy, "slots_leased": held}
+        for user, opened in self._outage_sessions.items():
+            found = users.setdefault(user, {"user": user, "running": 0, "slots_leased": 0})
+            found["sessions_opened_in_outage"] = len(opened)
+        buckets = []
+        for bucket, (held, seen) in sorted(self._tokens.holdings(now).items()):
+            kind, _, name = bucket.partition(":")
+            buckets.append(
+                {"kind": kind, "name": name, "tokens_held": held, "calls_last_second": seen}
+            )
+        return {
+            "replica": self.replica,
+            "replicas": self.replicas,
+            "degraded": self.degraded,
+            "active": self.quotas.active,
+            "users": [users[u] for u in sorted(users)],
+            "buckets": buckets,
+        }
 
     # --- degraded mode --------------------------------------------------------------------
 

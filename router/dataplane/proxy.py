@@ -15,6 +15,13 @@ Invariants:
 - Failures the router detects are raised as errors.RouterError and mapped to a status in
   errors.to_status; an unreachable driver is UNAVAILABLE naming the driver.
 - A client that cancels (or whose deadline passes) cancels the upstream call.
+- Quotas (admit/quotas.py, with a policy file): every call but those that only end things
+  (ReleaseExecute, ReleaseSession, Interrupt) counts against its caller's and its pool's
+  calls per second (local leased tokens: no registry round trip in the steady state,
+  nothing at all when no rate is set), an ExecutePlan stream holds one of its
+  caller's running-operation slots until it ends however it ends, and a session's first pin
+  (or a clone's) counts against its owner's sessions. A refusal is RESOURCE_EXHAUSTED with
+  trailing metadata "retry-after" for rate limits.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from registry.models import Pin, split_key
 from router import errors
 from router.admit.auth import Authenticator, Credentials, Identity
 from router.admit.policy_file import PolicyFile
+from router.admit.quotas import Operation, QuotaExceeded, QuotaGate
 from router.config import Settings
 from router.dataplane import protocol
 from router.dataplane.budget import Budget, Held
@@ -53,7 +61,7 @@ from router.errors import (
 )
 from router.health import Health
 from router.sessions.migration import Mover, Reason
-from router.sessions.placement import Placement
+from router.sessions.placement import Admit, Placement
 from router.telemetry import CallObservation, MethodMetrics
 from router.upstreams import Upstreams
 
@@ -76,6 +84,10 @@ _DROP_EXACT = frozenset(
         "user-agent",
     }
 )
+
+# Calls that only end things are never counted against a rate: refusing them would keep
+# results, operations or sessions alive, against every other limit.
+_UNRATED = frozenset({"ReleaseExecute", "ReleaseSession", "Interrupt"})
 
 # time_remaining() without a client deadline is effectively infinite.
 _NO_DEADLINE = 1e8
@@ -122,11 +134,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         settings: Settings,
         auth: Authenticator | None = None,
         policy: PolicyFile | None = None,
+        quotas: QuotaGate | None = None,
     ) -> None:
         self._placement = placement
         # None with auth none: the hot path then skips admission altogether.
         self._auth = auth if auth is not None and auth.enabled else None
         self._policy = policy if self._auth is not None else None  # Settings: it needs auth
+        self._quotas = quotas if self._policy is not None else None  # the policy file's
         self._reject_spoofing = settings.identity == "reject"
         # Credentials are the router's business: with authentication on, or a token of its
         # own for drivers, the client's authorization (and identity headers) never go on.
@@ -221,7 +235,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
         with obs, await self._admitted(context, len(request)):
-            info, md, pin = await self._routed(method, raw_md, request, context, obs)
+            info, md, pin, caller = await self._routed(method, raw_md, request, context, obs)
             timeout = _timeout(context)
             placement = self._placement
             if method.name == "ReleaseExecute" and placement.is_live(pin.driver):
@@ -254,7 +268,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             elif method.name == "ReleaseSession":
                 await self._release(info.key)
             elif method.name == "CloneSession":
-                await self._cloned(info, pin, response)
+                await self._cloned(pin, response, caller, md, context)
             return _for_client(method, pin, response)
 
     async def _unary_stream(
@@ -268,9 +282,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
         call: Any = None
         key: str | None = None
+        operation: Operation | None = None
         with obs, await self._admitted(context, len(request)):
             try:
-                info, md, pin = await self._routed(method, raw_md, request, context, obs)
+                info, md, pin, caller = await self._routed(method, raw_md, request, context, obs)
+                if method.name == "ExecutePlan" and self._quotas is not None:
+                    operation = await self._operation(caller, context)
                 timeout = _timeout(context)
                 key = info.key
                 self.open_streams[key] = self.open_streams.get(key, 0) + 1
@@ -314,6 +331,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 ):
                     yield message
             finally:
+                if operation is not None:
+                    operation.end()  # however the stream ended: its slot is free here
                 if key is not None:
                     if self.open_streams[key] <= 1:
                         del self.open_streams[key]
@@ -334,7 +353,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         with obs, await self._admitted(context, 0) as held:
             first = await self._first_request(method, requests, context)
             await self._holding(context, held, len(first))
-            info, md, pin = await self._routed(method, raw_md, first, context, obs)
+            info, md, pin, _ = await self._routed(method, raw_md, first, context, obs)
             outgoing = self._outgoing_stream(method, pin, info, first, requests, obs)
             tape = self.recorder.tape(method)
             call = self._upstreams.call(pin.driver, "stream_unary", method.path)(
@@ -370,7 +389,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         with obs, await self._admitted(context, 0) as held:
             first = await self._first_request(method, requests, context)
             await self._holding(context, held, len(first))
-            info, md, pin = await self._routed(method, raw_md, first, context, obs)
+            info, md, pin, _ = await self._routed(method, raw_md, first, context, obs)
             call = self._upstreams.call(pin.driver, "stream_stream", method.path)(
                 self._outgoing_stream(method, pin, info, first, requests, obs),
                 metadata=obs.forwarding(pin.driver, pin.pool, md),
@@ -481,10 +500,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
         refuse_new: RouterError | None = None,
+        admit: Admit | None = None,
     ) -> Pin:
         """The session's pin, moving it (sessions/migration.py) if its driver is dead.
 
-        `refuse_new`: the error a session that has no pin yet gets instead of one.
+        `refuse_new`: the error a session that has no pin yet gets instead of one; `admit`
+        (the session quota) is awaited before such a session gets one.
 
         With no live driver in the pool, the call waits (once, at most
         `no_driver_wait_seconds` after a driver of the pool went down) for one to recover,
@@ -500,6 +521,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     info.user or None,
                     claim=self._auth is not None,
                     refuse_new=refuse_new,
+                    admit=admit,
                 )
                 if self._placement.is_live(pin.driver):
                     if pin.key in self._placement.stale:
@@ -523,6 +545,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             except PolicyDenied as exc:  # refuse_new
                 self._telemetry.denials.labels(exc.reason).inc()
                 await _abort(context, exc)
+            except QuotaExceeded as exc:  # admit
+                await self._over_quota(context, exc)
             except Exception as exc:
                 await _abort(context, exc)
 
@@ -602,24 +626,42 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 self._placement.learn(pin, seen)
 
     async def _release(self, key: str) -> None:
-        """Forget a released session: its pin and journal, and journal entries still waiting."""
+        """Forget a released session: its pin and journal, and journal entries still waiting;
+        it counts against its user's sessions no more."""
         self.recorder.forget(key)
         await self._placement.release(key)
+        if self._quotas is not None:
+            await self._quotas.release_session(key)
 
-    async def _cloned(self, info: RequestInfo, pin: Pin, response: bytes) -> None:
+    async def _cloned(
+        self,
+        pin: Pin,
+        response: bytes,
+        caller: Identity | None,
+        md: list[tuple[str, str | bytes]],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         """Pin a clone where its source lives, its journal a copy of the source's.
 
         Spark made the clone on the source's driver: its calls must go there too (the ring
-        could send them anywhere), and a move of the clone must rebuild its own state.
+        could send them anywhere), and a move of the clone must rebuild its own state. A
+        clone is a new session of the source's owner: over their session quota, it is
+        released on the driver again and the call refused.
         """
         clone_id = protocol.clone_of(response)
         if clone_id is None:
             return
         try:
-            clone = await self._placement.pin_clone(pin, clone_id, claim=self._auth is not None)
+            clone = await self._placement.pin_clone(
+                pin, clone_id, claim=self._auth is not None, admit=self._admission(caller)
+            )
         except PermissionDenied:
             log.warning("clone %s of session %s: its id belongs to another user", clone_id, pin)
             return
+        except QuotaExceeded as exc:
+            made = Pin(clone_id, pin.driver, pin.pool, owner=pin.owner)
+            await self._mover.release_on(made, md)  # the client never hears of it
+            await self._over_quota(context, exc)
         await self.recorder.copy(pin.key, clone.key, clone_id)
 
     async def move_session(self, key: str, target: str | None = None) -> Pin:
@@ -644,13 +686,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         first: bytes,
         context: grpc.aio.ServicerContext,
         obs: CallObservation,
-    ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin]:
-        """Identify, admit and place a call: (info, metadata to forward, pin).
+    ) -> tuple[RequestInfo, list[tuple[str, str | bytes]], Pin, Identity | None]:
+        """Identify, admit and place a call: (info, metadata to forward, pin, caller).
 
-        Bad input, missing or bad credentials and a foreign user end the call. The pin of a
-        known session on a live driver comes from the cache (no registry, no await but the
-        authenticator's, which answers a known credential from memory); anything else goes
-        down the slow path (`_placed`): place, claim, follow or move.
+        Bad input, missing or bad credentials, a foreign user and a quota reached end the
+        call. The pin of a known session on a live driver comes from the cache (no registry,
+        no await but the authenticator's, which answers a known credential from memory, and
+        the rate quota's, which answers from leased tokens); anything else goes down the
+        slow path (`_placed`): place, claim, follow or move. The caller is None without auth.
         """
         try:
             metadata = _as_dict(raw_md, self._single)
@@ -683,8 +726,24 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         md = self._forwarded(raw_md)
         placement = self._placement
         pin = placement.known(info.key)
+        gate = self._quotas
+        if (
+            gate is not None
+            and identity is not None
+            and gate.quotas.has_rates
+            and method.name not in _UNRATED
+        ):
+            # Before a new session is placed: a call refused here makes no pin. The pool is
+            # the one the call goes to: a known session's own.
+            try:
+                await gate.admit_call(
+                    identity.user, identity.groups, info.pool if pin is None else pin.pool
+                )
+            except QuotaExceeded as exc:
+                await self._over_quota(context, exc)
         if pin is None or pin.driver in placement.move_idle or not placement.is_live(pin.driver):
-            pin = await self._placed(method, first, info, md, context, obs, refuse_new)
+            admit = self._admission(identity)
+            pin = await self._placed(method, first, info, md, context, obs, refuse_new, admit)
         if pin.pool != info.pool and identity is not None and self._policy is not None:
             # Placed before (another pool asked, or a reload since): it stays where it is,
             # if the policy still lets the caller use that pool.
@@ -693,7 +752,36 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             except PolicyDenied as exc:
                 self._telemetry.denials.labels(exc.reason).inc()
                 await _abort(context, exc)
-        return info, md, pin
+        return info, md, pin, identity
+
+    def _admission(self, caller: Identity | None) -> Admit | None:
+        """The session quota's hook for a new pin of `caller` (None: nothing to count)."""
+        gate = self._quotas
+        if gate is None or caller is None or not gate.quotas.active:
+            return None
+        groups = caller.groups
+
+        async def admit(key: str) -> None:
+            await gate.admit_session(key, groups)
+
+        return admit
+
+    async def _operation(
+        self, caller: Identity | None, context: grpc.aio.ServicerContext
+    ) -> Operation | None:
+        """An ExecutePlan's running-operation slot (None: not counted), or the call refused."""
+        gate = self._quotas
+        if gate is None or caller is None or not gate.quotas.active:
+            return None
+        try:
+            return await gate.start_operation(caller.user, caller.groups)
+        except QuotaExceeded as exc:
+            await self._over_quota(context, exc)
+
+    async def _over_quota(self, context: grpc.aio.ServicerContext, exc: QuotaExceeded) -> NoReturn:
+        """Refuse a call over a quota: counted by its limit, RESOURCE_EXHAUSTED (retry-after)."""
+        self._telemetry.quota_refusals.labels(exc.limit).inc()
+        await _abort(context, exc)
 
     def _as_caller(self, info: RequestInfo, identity: Identity) -> RequestInfo:
         """The call as its authenticated caller makes it (identity: rewrite), or refused."""
@@ -895,5 +983,7 @@ async def _end(
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    """End a call with the status errors.to_status gives for `exc`."""
-    await _end(context, *errors.to_status(exc))
+    """End a call with the status errors.to_status gives for `exc`, and its trailers
+    (RouterError.trailers: a quota's retry-after)."""
+    trailers = exc.trailers() if isinstance(exc, RouterError) else ()
+    await _end(context, *errors.to_status(exc), trailers)

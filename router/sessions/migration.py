@@ -291,9 +291,9 @@ class Mover:
         if decided.replay:
             winner = await self._replay(winner, decided.replay, metadata, reason)
         if decided.release is Release.AWAIT:
-            await self._release_on(pin, metadata)
+            await self.release_on(pin, metadata)
         elif decided.release is Release.BACKGROUND:
-            task = asyncio.ensure_future(self._release_on(pin, metadata))
+            task = asyncio.ensure_future(self.release_on(pin, metadata))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         return winner, True
@@ -368,8 +368,8 @@ class Mover:
         field = protocol.METHODS["Config"].response_server_side_field
         return wire.read_string(response, field) or None
 
-    async def _release_on(self, pin: Pin, metadata: Metadata) -> None:
-        """Close a moved session on the driver it left (best effort: the driver may be gone)."""
+    async def release_on(self, pin: Pin, metadata: Metadata) -> None:
+        """Close a session on `pin.driver` (a moved one there, a refused clone; best effort)."""
         from pyspark.sql.connect.proto import base_pb2
 
         request = base_pb2.ReleaseSessionRequest(session_id=pin.driver_session_id)

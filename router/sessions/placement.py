@@ -6,6 +6,12 @@ first, and this replica follows it. Later calls of a known session are answered 
 bounded local cache without any registry round trip; their TTL refreshes are collected
 and written in one batch by `flush`, called periodically by the replica.
 
+A new pin (a session's first call, a clone) may be refused before it is made: the `admit`
+hook of `place` and `pin_clone` (the quotas' session count, dataplane/proxy.py) is awaited
+with the session key when, and only when, the session has no pin yet, after its id is
+claimed and before the pin is bound (in an outage too: the hook copes with the registry
+itself). Whatever it raises ends the placement, and no pin is made.
+
 Registry outage (degraded mode, `RegistryUnavailable` from any operation):
 - known sessions keep routing from the cache;
 - new sessions are placed by the ring alone and remembered as pending; `flush` writes
@@ -21,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 
 from registry.base import Registry, RegistryUnavailable
@@ -31,6 +37,9 @@ from router.sessions.ring import Rings
 from router.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+Admit = Callable[[str], Awaitable[None]]
+"""Awaited with a session's key before its first pin is made; raises to refuse it."""
 
 
 def choose(
@@ -194,13 +203,15 @@ class Placement:
         *,
         claim: bool = False,
         refuse_new: Exception | None = None,
+        admit: Admit | None = None,
     ) -> Pin:
         """The pin of (owner, session id), creating it on the session's first call.
 
         With `claim` (authentication on), a session id is one user's: a new pin for an id
         that another user holds is PermissionDenied, on every replica (registry.claim).
         During a registry outage the claim cannot be checked; the pin is made anyway.
-        `refuse_new` is raised instead of making a pin for a session that has none.
+        `refuse_new` is raised instead of making a pin for a session that has none; `admit`
+        (the module docstring) is awaited before one is made.
         """
         key = session_key(owner, session_id)
         pin = self.known(key)
@@ -216,26 +227,36 @@ class Placement:
             self._registry_down(exc)
             if refuse_new is not None:
                 raise refuse_new from None
-            return self._placed(self._pending_pin(self._new_pin(session_id, pool, owner)))
+            new = self._new_pin(session_id, pool, owner)
+            if admit is not None:
+                await admit(key)
+            return self._placed(self._pending_pin(new))
         if refuse_new is not None:
             raise refuse_new
-        return await self._bind_new(self._new_pin(session_id, pool, owner), "ring", claim)
+        return await self._bind_new(self._new_pin(session_id, pool, owner), "ring", claim, admit)
 
-    async def pin_clone(self, source: Pin, clone_id: str, *, claim: bool = False) -> Pin:
+    async def pin_clone(
+        self, source: Pin, clone_id: str, *, claim: bool = False, admit: Admit | None = None
+    ) -> Pin:
         """Pin a clone of `source` to the source's driver (same owner and pool): the pin in force.
 
         With `claim`, a clone id another user holds is PermissionDenied. During a registry
         outage the pin is kept here and written back later, as a new session's would be.
+        `admit` is awaited before the pin is made (a clone is a new session).
         """
         pin = Pin(clone_id, source.driver, source.pool, owner=source.owner, created=time.time())
-        return await self._bind_new(pin, "clone", claim)
+        return await self._bind_new(pin, "clone", claim, admit)
 
-    async def _bind_new(self, pin: Pin, source: str, claim: bool) -> Pin:
-        """Bind a new session's pin (claiming its id first with `claim`): the pin in force.
+    async def _bind_new(
+        self, pin: Pin, source: str, claim: bool, admit: Admit | None = None
+    ) -> Pin:
+        """Bind a new session's pin (claiming its id first with `claim`, then `admit`): the
+        pin in force.
 
         During a registry outage the claim cannot be checked; the pin is kept here and
         written back by `flush`.
         """
+        admitted = admit is None
         try:
             owner = pin.owner
             if claim and owner and await self._registry.claim(pin.session_id, owner) != owner:
@@ -243,10 +264,15 @@ class Placement:
                     f"session {pin.session_id} belongs to another user; start a new session "
                     "(a new SparkSession) instead of reusing its id"
                 )
+            if admit is not None:
+                await admit(pin.key)
+                admitted = True
             pin = await self._registry.bind(pin)
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
+            if admit is not None and not admitted:  # the claim failed: admit it anyway
+                await admit(pin.key)
             return self._placed(self._pending_pin(pin))
         return self._placed(pin, source)
 

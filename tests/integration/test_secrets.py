@@ -119,6 +119,7 @@ async def test_no_secret_in_logs_spans_or_admin_answers(
                     "/api/drivers",
                     "/api/sessions",
                     f"/api/sessions/{alices}",
+                    "/api/quotas",
                     "/api/nowhere",
                     "/metrics",
                     "/readyz",

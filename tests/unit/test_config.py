@@ -55,6 +55,11 @@ def test_settings_are_frozen() -> None:
         ({"log_level": "loud"}, "not one of debug"),
         ({"driver_memory": "lots"}, "not a JVM memory size"),
         ({"policy_file": "policy.yaml"}, "policy_file needs auth"),
+        (
+            {"quota_slot_lease_seconds": 2, "quota_sync_seconds": 1},
+            "quota_slot_lease_seconds must be at least 3 x quota_sync_seconds",
+        ),
+        ({"quota_lease_seconds": 0}, "quota_lease_seconds: Input should be greater than 0"),
     ],
 )
 def test_bad_values_fail_with_one_clear_line(kwargs: dict[str, object], message: str) -> None:

@@ -241,3 +241,48 @@ async def test_sessions_of_a_driver_that_lost_its_state_skip_the_cache_until_reb
     assert placement.known(a.key) == a and placement.known(b.key) is None
     await placement.release(b.key)
     assert not placement.stale
+
+
+# --- the admit hook (the session quota) ------------------------------------------------------
+
+
+class Admissions:
+    """An admit hook that records the keys it saw and refuses those in `refuse`."""
+
+    def __init__(self, refuse: Collection[str] = ()) -> None:
+        self.seen: list[str] = []
+        self.refuse = set(refuse)
+
+    async def __call__(self, key: str) -> None:
+        self.seen.append(key)
+        if key in self.refuse:
+            raise PermissionError(f"refused {key}")
+
+
+async def test_admit_is_asked_only_before_a_new_pin_and_a_refusal_makes_none() -> None:
+    reg = CountingRegistry()
+    placement = Placement(reg, RINGS, cache_size=10)
+    admit = Admissions(refuse={"alice/s2"})
+    await placement.place("s1", None, "alice", admit=admit)
+    await placement.place("s1", None, "alice", admit=admit)  # known: cached
+    await reg.bind(Pin("s3", "127.0.0.1:1", owner="alice"))  # another replica's pin
+    await placement.place("s3", None, "alice", admit=admit)
+    with pytest.raises(PermissionError):
+        await placement.place("s2", None, "alice", admit=admit)
+    assert admit.seen == ["alice/s1", "alice/s2"]
+    assert await reg.get_pin("alice/s2") is None and placement.known("alice/s2") is None
+
+
+async def test_admit_is_asked_during_an_outage_too_and_for_clones() -> None:
+    reg = CountingRegistry()
+    placement = Placement(reg, RINGS, cache_size=10)
+    admit = Admissions(refuse={"bob/c2"})
+    source = await placement.place("s1", None, "bob", admit=admit)
+    clone = await placement.pin_clone(source, "c1", admit=admit)
+    assert clone.driver == source.driver and clone.owner == "bob"
+    with pytest.raises(PermissionError):
+        await placement.pin_clone(source, "c2", admit=admit)
+    reg.down = True
+    await placement.place("s4", None, "bob", admit=admit, claim=True)
+    assert admit.seen == ["bob/s1", "bob/c1", "bob/c2", "bob/s4"]
+    assert placement.known("bob/s4") is not None  # pending, written back later

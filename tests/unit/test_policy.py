@@ -9,7 +9,7 @@ import yaml
 
 from router.admit.auth import ANONYMOUS, Identity
 from router.admit.policy import Policy, PolicyError
-from router.admit.policy_file import PolicyFile, read_policy
+from router.admit.policy_file import Loaded, PolicyFile, read_policy, read_policy_file
 from router.config import ConfigError, Settings
 from router.errors import PermissionDenied, PolicyDenied
 
@@ -139,3 +139,68 @@ async def test_a_changed_file_swaps_the_policy_and_a_broken_one_keeps_it(
     path.unlink()
     with pytest.raises(ConfigError, match="policy file"):
         PolicyFile(path, "default", reload_seconds=60)
+
+
+# --- quotas: in the policy file ---------------------------------------------------------------
+
+QUOTAS = {"default": {"sessions": 10}, "users": {"ann": {"sessions": 3, "running": 1}}}
+
+
+def test_quotas_are_read_beside_the_roles_or_under_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(POLICY))
+    assert not read_policy_file(path, "default").quotas.active  # none: no quotas at all
+    for data in (
+        {**POLICY, "quotas": QUOTAS},
+        {"policy": {**POLICY, "quotas": QUOTAS}},
+        {"policy": POLICY, "quotas": QUOTAS},
+    ):
+        path.write_text(yaml.safe_dump(data))
+        loaded = read_policy_file(path, "default")
+        assert len(loaded.policy.roles) == 3
+        ann = loaded.quotas.for_user("ann", frozenset())
+        assert ann.sessions is not None and ann.sessions.value == 3
+        assert ann.sessions.source == "quotas.users.ann.sessions"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {**POLICY, "quotas": {"users": {"ann": {"sessions": -1}}}},
+            r"quotas\.users\.ann\.sessions",
+        ),
+        ({**POLICY, "quotas": {"default": {"burst": 5}}}, r"quotas\.default.*burst needs"),
+        ({**POLICY, "quotas": [1, 2]}, "quotas must be a mapping"),
+        ({"policy": {**POLICY, "quotas": QUOTAS}, "quotas": QUOTAS}, "quotas is given twice"),
+    ],
+)
+def test_bad_quotas_name_the_file_and_the_place(
+    tmp_path: Path, data: dict[str, object], message: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(PolicyError, match=f"policy file {path}: .*{message}"):
+        read_policy_file(path, "default")
+
+
+async def test_a_reload_swaps_policy_and_quotas_together_and_a_broken_file_keeps_both(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(yaml.safe_dump({**POLICY, "quotas": QUOTAS}))
+    held = PolicyFile(path, "default", reload_seconds=60)
+    swapped: list[Loaded] = []
+    held.follow(swapped.append)
+    first = (held.current, held.quotas)
+    assert held.quotas.active
+    path.write_text(yaml.safe_dump({**POLICY, "deny_users": ["bob"]}) + "# no quotas now\n")
+    assert await held.reload()
+    assert not held.quotas.active and held.current is not first[0]
+    assert swapped == [Loaded(held.current, held.quotas)]
+    now = (held.current, held.quotas)
+    path.write_text(yaml.safe_dump({**POLICY, "quotas": {"default": {"running": "x"}}}))
+    assert not await held.reload()
+    assert held.current is now[0] and held.quotas is now[1] and len(swapped) == 1
+    assert "quotas.default.running" in caplog.text
+    assert "keeping the policy loaded before (and its quotas)" in caplog.text

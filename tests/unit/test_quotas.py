@@ -170,6 +170,7 @@ async def test_a_refusal_names_the_limit_its_value_the_count_and_the_setting() -
     )
     code, details = to_status(refusal)
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "3 sessions" in details
+    assert refusal.trailers() == ()  # no point in waiting: a session must end first
 
 
 @pytest.mark.parametrize(
@@ -555,6 +556,8 @@ async def test_a_rate_limit_refuses_with_a_retry_after_and_spares_others(
     assert refusal.retry_after is not None and 0 < refusal.retry_after <= 1.0
     assert "over the limit of 50 calls per second (burst 50)" in str(refusal)
     assert "quotas.default.calls_per_second" in str(refusal)
+    ((name, value),) = refusal.trailers()
+    assert name == "retry-after" and 0 <= float(value) - refusal.retry_after < 0.001
     await a.admit_call("bob", NOBODY, None)
     clock.now += refusal.retry_after
     await b.admit_call("alice", NOBODY, None)  # back after the hint
@@ -670,3 +673,23 @@ async def test_the_local_path_is_fast(registry: CountingRegistry, clock: Clock) 
     per_call = (time.perf_counter() - started) / calls
     assert per_call < 50e-6, f"{per_call * 1e6:.1f} µs per admitted call"
     assert registry.calls["quota_tokens_lease"] <= 2  # at most one more lease per bucket
+
+
+async def test_usage_is_what_this_replica_holds(
+    registry: CountingRegistry, clock: Clock, quotas: Quotas
+) -> None:
+    a, b = gates(registry, clock, quotas)
+    running = await a.start_operation("bob", NOBODY)
+    await a.start_operation("bob", NOBODY)
+    running.end()
+    for _ in range(3):
+        await a.admit_call("carol", NOBODY, "etl")
+    usage = a.usage()
+    assert (usage["replica"], usage["degraded"], usage["active"]) == ("r0", False, True)
+    assert usage["users"] == [{"user": "bob", "running": 1, "slots_leased": 2}]
+    assert [(x["kind"], x["name"], x["calls_last_second"]) for x in usage["buckets"]] == [
+        ("pool", "etl", 3),
+        ("user", "carol", 3),
+    ]
+    assert all(x["tokens_held"] >= 0 for x in usage["buckets"])
+    assert b.usage()["users"] == [] and b.usage()["buckets"] == []  # the other one's view
