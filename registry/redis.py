@@ -472,7 +472,7 @@ class RedisRegistry:
             )
             return cls(client, **options)
         hosts, service, db, username, password = _parse_sentinel_url(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
             hosts, sentinel_kwargs={**timeouts, "retry": _retry(retries), "decode_responses": True}
         )
         client = sentinel.master_for(
@@ -826,7 +826,7 @@ class RedisRegistry:
                 finally:
                     self._pubsubs.discard(pubsub)
                     with contextlib.suppress(RedisError, OSError):
-                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+                        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
                 await asyncio.wait({closing}, timeout=backoff)
                 backoff = min(backoff * 2, self._max_backoff)
         finally:
@@ -866,7 +866,7 @@ class RedisRegistry:
         self._closed.set()
         for pubsub in list(self._pubsubs):
             with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
         with contextlib.suppress(RedisError, OSError):
             await self._client.aclose()
         for close in self._on_close:
