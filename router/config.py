@@ -395,6 +395,41 @@ class Settings(BaseSettings):
         "for slots idle on other replicas to come back before it is refused",
     )
 
+    # --- on the record (router/admit/audit.py) ---
+    audit_file: Path | None = Field(
+        None,
+        description="append the audit trail here, one JSON line per event (reopened when "
+        "logrotate renames it)",
+    )
+    audit_stdout: bool = Field(False, description="write the audit trail to stdout too")
+    audit_queue_size: int = Field(
+        10_000, ge=1, le=10_000_000, description="audit events that may wait to be written"
+    )
+    audit_when_full: Literal["drop", "refuse"] = Field(
+        "drop",
+        description="a full audit queue drops events (counted) or refuses new calls "
+        "(RESOURCE_EXHAUSTED: fail closed, for sites that must not lose a record)",
+    )
+    audit_sql: Literal["sha256", "text", "off"] = Field(
+        "sha256",
+        description="an execution's SQL in the audit: its SHA-256, its text (cut, secrets "
+        "blanked where a secret-looking name precedes them) or nothing",
+    )
+    audit_sql_max_chars: int = Field(
+        4096, ge=1, le=1_000_000, description="audit_sql text: SQL cut to this many characters"
+    )
+    audit_redact_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*password*", "*secret*", "*token*", "*key*"],
+        description="conf and parameter names whose values the audit writes as [redacted] "
+        "(globs, case-insensitive)",
+    )
+    audit_retry_seconds: float = Field(
+        1.0, gt=0, le=600, description="a failed audit write is retried this often"
+    )
+    audit_close_timeout_seconds: float = Field(
+        5.0, ge=0, le=600, description="on stop, how long queued audit events may take to write"
+    )
+
     # --- up (local drivers) ---
     local_drivers: int = Field(2, ge=1, le=16, description="drivers `up` starts")
     driver_memory: str = Field("1g", description="heap of each local driver (spark-submit)")
@@ -429,6 +464,7 @@ class Settings(BaseSettings):
         "trusted_proxies",
         "admin_users",
         "admin_groups",
+        "audit_redact_keys",
         mode="before",
     )
     @classmethod

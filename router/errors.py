@@ -101,6 +101,11 @@ class Unauthenticated(RouterError):
 
     code = grpc.StatusCode.UNAUTHENTICATED
 
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        """`reason`: missing, invalid, expired or refused (the audit's label)."""
+        super().__init__(message)
+        self.reason = reason
+
 
 class PermissionDenied(RouterError):
     """An authenticated caller asked for what is not theirs (another user, a foreign session)."""

@@ -30,6 +30,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
+import socket
 import uuid
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, TypeVar, cast
@@ -44,6 +46,7 @@ from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unle
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, EventKind
 from router.admin.http import AdminListener
+from router.admit.audit import AuditLog, AuditSettings, PrometheusAuditMetrics
 from router.admit.auth import Authenticator
 from router.admit.policy_file import Loaded, PolicyFile
 from router.admit.quotas import QuotaGate
@@ -104,6 +107,7 @@ class Replica:
                     settings.policy_file, settings.default_pool, settings.policy_reload_seconds
                 )
             )
+            self.audit = self._audit_log()
         except ConfigError as exc:
             raise StartupError(str(exc)) from exc
         self.quotas = None if self.policy is None else self._quota_gate(self.policy)
@@ -140,6 +144,20 @@ class Replica:
         self.admin_port = 0
         self.port = 0
         self._started_proxy = False  # start() builds the proxy (and its journal recorder)
+
+    def _audit_log(self) -> AuditLog:
+        """The audit trail (audit_file, audit_stdout); a log that writes nothing without them."""
+        t = self.telemetry
+        metrics = PrometheusAuditMetrics(
+            t.audit_queue_depth,
+            t.audit_dropped,
+            t.audit_refused,
+            t.audit_write_errors,
+            t.audit_written,
+        )
+        # Which replica wrote a line: the pod's name under Kubernetes, and the worker.
+        replica = f"{socket.gethostname()}:{os.getpid()}"
+        return AuditLog(AuditSettings.from_settings(self.settings, replica), metrics)
 
     def _quota_gate(self, policy: PolicyFile) -> QuotaGate:
         """The gate of the policy file's quotas, following its reloads."""
@@ -195,6 +213,7 @@ class Replica:
         import pyspark.sql.connect.proto.base_pb2  # noqa: F401
 
         server = grpc.aio.server(options=server_options(self.settings))
+        await self.audit.start()  # before the first call: its records have a writer
         await self.auth.start()  # token file read, JWKS fetched: before the first call
         if self.policy is not None:
             await self.policy.start()
@@ -210,6 +229,7 @@ class Replica:
             self.auth,
             self.policy,
             self.quotas,
+            self.audit,
         )
         # The proxy answers only /spark.connect.SparkConnectService/ paths (None for the
         # rest), so the health service's calls reach its own handlers.
@@ -436,6 +456,9 @@ class Replica:
                 await self.proxy.recorder.flush()
         if self.quotas is not None:
             await self.quotas.close()  # calls drained: every slot back for the other replicas
+        lost = await self.audit.close()  # the calls' records are queued: write them out
+        if lost:
+            log.warning("audit: %d record(s) not written before the close timeout", lost)
         if self.admin is not None:
             # Last of the listeners, before what its API uses (registry, upstreams) closes.
             await self.admin.stop()

@@ -205,6 +205,40 @@ class Telemetry:
             registry=r,
             multiprocess_mode="livemax",
         )
+        # The audit trail's (admit/audit.py builds PrometheusAuditMetrics on these).
+        self.audit_queue_depth = Gauge(
+            "spark_router_audit_queue_depth",
+            "audit events waiting to be written (queued plus the batch being written)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.audit_dropped = Counter(
+            "spark_router_audit_dropped",
+            "audit events lost, by reason: queue_full (audit_when_full: drop), write_error "
+            "(a sink failed; per sink), shutdown (left when the close timed out)",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("queue_full", "write_error", "shutdown"):
+            self.audit_dropped.labels(reason)
+        self.audit_refused = Counter(
+            "spark_router_audit_refused",
+            "calls refused RESOURCE_EXHAUSTED because the audit could not take their record "
+            "(audit_when_full: refuse)",
+            registry=r,
+        )
+        self.audit_write_errors = Counter(
+            "spark_router_audit_write_errors",
+            "audit batches a sink failed to write, by sink (file, stdout)",
+            ["sink"],
+            registry=r,
+        )
+        self.audit_written = Counter(
+            "spark_router_audit_written",
+            "audit events written, by sink (file, stdout)",
+            ["sink"],
+            registry=r,
+        )
         self.refused_over_budget = Counter(
             "spark_router_refused_over_budget",
             "calls refused RESOURCE_EXHAUSTED by the memory budget, by the limit reached "

@@ -23,6 +23,42 @@ from registry.models import Event
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The audit.py docstring's event reference: each event's fields, besides time, event, replica.
+AUDIT_FIELDS: dict[str, set[str]] = {
+    "session.created": {"user", "groups", "session", "pool", "driver", "conf"},
+    "session.released": {"user", "session", "pool", "driver"},
+    "session.moved": {"user", "session", "pool", "from_driver", "driver", "reason"},
+    "session.expired": {"user", "session", "pool", "driver", "reason"},
+    "execution": {
+        "user",
+        "groups",
+        "session",
+        "operation",
+        "pool",
+        "driver",
+        "plan",
+        "sql",
+        "sql_sha256",
+        "status",
+        "duration_ms",
+        "rows",
+        "bytes",
+    },
+    "denied": {
+        "kind",
+        "reason",
+        "message",
+        "status",
+        "method",
+        "user",
+        "groups",
+        "session",
+        "pool",
+        "peer",
+    },
+    "admin": {"admin", "groups", "action", "target", "result", "params"},
+}
+
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on right now."""

@@ -43,6 +43,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -52,6 +53,8 @@ from common.addresses import split_host_port
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, Pin
 from router.admin import records as operations
+from router.admit import audit
+from router.admit.audit import AuditLog
 from router.admit.auth import Authenticator, Credentials
 from router.admit.policy import is_admin
 from router.admit.policy_file import PolicyFile
@@ -77,6 +80,30 @@ _QUOTED_CHARS = 200
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# The audit's name of each API route ("admin" events); keys: (method, route pattern).
+_ACTIONS = {
+    ("GET", "/api/drivers"): "list_drivers",
+    ("POST", "/api/drivers/{address}/drain"): "drain",
+    ("DELETE", "/api/drivers/{address}/drain"): "undrain",
+    ("GET", "/api/sessions"): "list_sessions",
+    ("GET", "/api/sessions/{session_id}"): "show_session",
+    ("POST", "/api/sessions/{session_id}/move"): "move",
+    ("GET", "/api/quotas"): "quotas",
+}
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Who called the API, as the audit names them."""
+
+    user: str | None
+    groups: frozenset[str] = frozenset()
+
+
+_ANONYMOUS = _Caller("anonymous")  # the API is open (no admin_token, no auth)
+_TOKEN = _Caller("admin_token")  # the shared admin_token, not a user
+_UNKNOWN = _Caller(None)  # refused before (or for lack of) credentials
+
 
 class Operated(Protocol):
     """What the listener reads and acts on: a started replica (server.Replica)."""
@@ -90,6 +117,7 @@ class Operated(Protocol):
     auth: Authenticator
     policy: PolicyFile | None
     quotas: QuotaGate | None
+    audit: AuditLog
     static_drivers: tuple[str, ...]
     shutting_down: bool
     registry_reachable: bool
@@ -129,6 +157,28 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return _json({"error": message}, status, headers)
+
+
+async def _body_for_record(request: web.Request) -> dict[str, object]:
+    """The request's JSON object as the handler read it (aiohttp keeps the bytes); {} if none."""
+    if not request.body_exists:
+        return {}
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError, web.HTTPException):
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _message(response: web.StreamResponse) -> str:
+    """The error message of an API answer made by `_error` ("" for anything else)."""
+    body = getattr(response, "body", None)
+    if not isinstance(body, bytes):
+        return ""
+    try:
+        return str(json.loads(body).get("error", ""))
+    except (ValueError, AttributeError):
+        return ""
 
 
 def _peer(remote: str | None) -> str:
@@ -273,28 +323,78 @@ class AdminListener:
         if not (request.path == "/api" or request.path.startswith("/api/")):
             return await handler(request)
         try:
-            refused = await self._refused(request)
+            refused, caller = await self._refused(request)
             if refused is not None:
+                self._record_refusal(request, refused, caller)
                 return refused
-            return await handler(request)
+            response = await handler(request)
         except ApiError as exc:
-            return _error(exc.status, str(exc))
+            response = _error(exc.status, str(exc))
         except RegistryUnavailable as exc:
-            return _error(503, f"registry unreachable: {exc}")
+            response = _error(503, f"registry unreachable: {exc}")
         except web.HTTPException as exc:  # no such route (404) or method (405)
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return _error(exc.status, f"{exc.reason}: {request.method} {request.path}", headers)
+            response = _error(exc.status, f"{exc.reason}: {request.method} {request.path}", headers)
         except Exception:
             log.exception("admin API %s %s failed", request.method, request.path)
-            return _error(500, "internal error (see the router log)")
+            response = _error(500, "internal error (see the router log)")
+        await self._record(request, response, caller)
+        return response
 
-    async def _refused(self, request: web.Request) -> web.Response | None:
-        """The 401 / 403 answer for a caller without the admin role; None to let it in."""
+    async def _record(
+        self, request: web.Request, response: web.StreamResponse, caller: _Caller
+    ) -> None:
+        """An API action on the audit trail: who, what, on what, and how it went."""
+        log_ = self._replica.audit
+        if not log_.enabled:
+            return
+        route = request.match_info.route.resource
+        pattern = route.canonical if route is not None else request.path
+        action = _ACTIONS.get((request.method, pattern), f"{request.method} {pattern}")
+        info = request.match_info
+        target = info.get("address") or info.get("session_id")
+        params: dict[str, object] = {**request.query, **await _body_for_record(request)}
+        log_.offer(
+            audit.admin_action(
+                caller.user or "unknown",
+                action,
+                target,
+                "ok" if response.status < 400 else f"{response.status} {_message(response)}",
+                groups=caller.groups,
+                params=params or None,
+                redaction=log_.settings.redaction,
+            )
+        )
+
+    def _record_refusal(
+        self, request: web.Request, response: web.Response, caller: _Caller
+    ) -> None:
+        """A caller the API refused (401: no or bad credentials, 403: no admin role)."""
+        log_ = self._replica.audit
+        if not log_.enabled:
+            return
+        unauthenticated = response.status == 401
+        log_.offer(
+            audit.denied(
+                "authentication" if unauthenticated else "policy",
+                "admin_credentials" if unauthenticated else "no_admin_role",
+                user=caller.user,
+                status="UNAUTHENTICATED" if unauthenticated else "PERMISSION_DENIED",
+                message=_message(response),
+                groups=caller.groups,
+                method=f"{request.method} {request.path}",
+                peer=_peer(request.remote),
+            )
+        )
+
+    async def _refused(self, request: web.Request) -> tuple[web.Response | None, _Caller]:
+        """The 401 / 403 answer for a caller without the admin role (None to let it in), and
+        who the caller is as far as known (the audit's admin)."""
         settings = self._replica.settings
         if self._token is None and not settings.auth_enabled:
-            return None  # nothing configured: open (the README says how to close it)
+            return None, _ANONYMOUS  # nothing configured: open (the README says how to close it)
         if self._token is not None and self._authorized(request, self._token):
-            return None
+            return None, _TOKEN
         challenge = {"WWW-Authenticate": 'Bearer realm="spark-router"'}
         ways = []
         if self._token is not None:
@@ -308,14 +408,17 @@ class AdminListener:
                     403,
                     "the admin API is closed: auth is on but no admin_users, admin_groups or "
                     "admin_token is set",
-                )
-            return _error(401, f"the admin API needs {ways[0]}", challenge)
+                ), _UNKNOWN
+            return _error(401, f"the admin API needs {ways[0]}", challenge), _UNKNOWN
         headers = {k.lower(): v for k, v in request.headers.items()}
         credentials = Credentials(headers, lambda: _peer(request.remote), dict)
         try:
             identity = await self._replica.auth.authenticate(credentials)
         except Unauthenticated as exc:
-            return _error(401, f"the admin API needs {' or '.join(ways)}: {exc}", challenge)
+            return _error(
+                401, f"the admin API needs {' or '.join(ways)}: {exc}", challenge
+            ), _UNKNOWN
+        caller = _Caller(identity.user, identity.groups)
         policy = self._replica.policy
         if not (
             is_admin(identity, settings)
@@ -329,8 +432,8 @@ class AdminListener:
                 403,
                 f"user {identity.user!r} has no admin role (admin_users, admin_groups, or a "
                 "policy role with admin: true)",
-            )
-        return None
+            ), caller
+        return None, caller
 
     def _by_role(self) -> bool:
         """Whether users' credentials may open the API: some user or group holds the role."""

@@ -7,8 +7,8 @@ without waiting for anything, and a writer task hands batches to a thread
 Event reference. Every line has `time` (RFC 3339, UTC, milliseconds: 2025-01-31T12:00:00.123Z)
 and `event`, and `replica` when the log was given one (`AuditSettings.replica`). Each event
 has exactly the fields listed, `null` when unknown; names are those of the house (DESIGN.md):
-- session.created: user, groups, session, pool, driver, conf (the session's confs the router
-  saw, redacted; null if none).
+- session.created: user, groups, session, pool, driver, conf (confs given with the session,
+  redacted; the data plane does not read Config calls, so null there for now).
 - session.released: user, session, pool, driver (a ReleaseSession that reached the driver).
 - session.moved: user, session, pool, from_driver, driver (the new one), reason
   (driver_down, drain, admin, ...).
@@ -108,8 +108,9 @@ import grpc
 import prometheus_client
 from pyspark.sql.connect.proto import base_pb2, commands_pb2, relations_pb2
 
-from router.config import ConfigError
-from router.errors import RouterError
+from router.admit.quotas import QuotaExceeded
+from router.config import ConfigError, Settings
+from router.errors import OverBudget, PermissionDenied, PolicyDenied, RouterError, Unauthenticated
 
 __all__ = [
     "DEFAULT_REDACT_KEYS",
@@ -128,6 +129,7 @@ __all__ = [
     "PrometheusAuditMetrics",
     "Redaction",
     "admin_action",
+    "denial_of",
     "denied",
     "execution",
     "is_secret_key",
@@ -221,6 +223,24 @@ class AuditSettings:
             problems.append("audit retry and close timeouts must be positive")
         if problems:
             raise ConfigError("\n".join(problems))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, replica: str | None = None) -> AuditSettings:
+        """The audit_* settings of a replica."""
+        return cls(
+            file=settings.audit_file,
+            stdout=settings.audit_stdout,
+            queue_size=settings.audit_queue_size,
+            when_full=settings.audit_when_full,
+            retry_seconds=settings.audit_retry_seconds,
+            close_timeout_seconds=settings.audit_close_timeout_seconds,
+            replica=replica,
+            redaction=Redaction(
+                keys=tuple(settings.audit_redact_keys),
+                sql=settings.audit_sql,
+                sql_max_chars=settings.audit_sql_max_chars,
+            ),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -665,6 +685,26 @@ def execution(
     event["sql"] = sql  # bounded by sql_max_chars, not MAX_FIELD_CHARS
     event["sql_sha256"] = digest
     return event
+
+
+def denial_of(exc: BaseException) -> tuple[str, str] | None:
+    """(kind, reason) of a refusal the audit records, None for any other failure.
+
+    Kinds by error: Unauthenticated authentication, PolicyDenied policy, another
+    PermissionDenied ownership (a foreign session or user_id), QuotaExceeded quota (its
+    limit), OverBudget budget (its setting); bad input and driver failures are not denials.
+    """
+    if isinstance(exc, Unauthenticated):
+        return "authentication", exc.reason
+    if isinstance(exc, PolicyDenied):
+        return "policy", exc.reason
+    if isinstance(exc, PermissionDenied):
+        return "ownership", "foreign"
+    if isinstance(exc, QuotaExceeded):
+        return "quota", exc.limit
+    if isinstance(exc, OverBudget):
+        return "budget", exc.limit
+    return None
 
 
 def denied(

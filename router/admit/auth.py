@@ -177,7 +177,7 @@ class _Mode:
     def fail(self, result: str, message: str) -> Unauthenticated:
         """Count a refusal and make its error (the message must hold no secret)."""
         getattr(self.counts, result).inc()
-        return Unauthenticated(message)
+        return Unauthenticated(message, result)
 
     async def start(self) -> None:
         """Begin background work, if any."""
@@ -777,7 +777,7 @@ class Authenticator:
             if identity is not None:
                 return identity
         self._missing.inc()
-        raise Unauthenticated(self._missing_text)
+        raise Unauthenticated(self._missing_text, "missing")
 
     async def start(self) -> None:
         """Start background work: token-file reload, JWKS fetch and refresh; idempotent."""

@@ -39,11 +39,13 @@ import grpc.aio
 from registry.base import Registry
 from registry.models import Pin, split_key
 from router import errors
+from router.admit.audit import AuditLog, PlanInfo
 from router.admit.auth import Authenticator, Credentials, Identity
 from router.admit.policy_file import PolicyFile
 from router.admit.quotas import Operation, QuotaExceeded, QuotaGate
 from router.config import Settings
 from router.dataplane import protocol
+from router.dataplane.audited import Audited
 from router.dataplane.budget import Budget, Held
 from router.dataplane.protocol import Method, RequestInfo, Shape
 from router.dataplane.recorder import Recorder
@@ -58,6 +60,7 @@ from router.errors import (
     PolicyDenied,
     RerunDiffers,
     RouterError,
+    status_of,
 )
 from router.health import Health
 from router.sessions.migration import Mover, Reason
@@ -135,8 +138,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         auth: Authenticator | None = None,
         policy: PolicyFile | None = None,
         quotas: QuotaGate | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self._placement = placement
+        # None without audit_file / audit_stdout: the hot path then records nothing.
+        self._audit = Audited(audit) if audit is not None and audit.enabled else None
         # None with auth none: the hot path then skips admission altogether.
         self._auth = auth if auth is not None and auth.enabled else None
         self._policy = policy if self._auth is not None else None  # Settings: it needs auth
@@ -176,6 +182,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         )
         self.open_streams: dict[str, int] = {}  # session key -> its response streams open here
         self._mover = Mover(placement, registry, upstreams, settings.migration, self._telemetry)
+        if self._audit is not None:
+            self._mover.on_moved = self._audit.moved
         self.recorder = Recorder(
             registry, settings.journal_max_bytes, self._telemetry, placement.note_registry_error
         )
@@ -234,7 +242,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> bytes:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
-        with obs, await self._admitted(context, len(request)):
+        with obs, await self._admitted(context, method, len(request)):
             info, md, pin, caller = await self._routed(method, raw_md, request, context, obs)
             timeout = _timeout(context)
             placement = self._placement
@@ -266,7 +274,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             if method.name in protocol.JOURNALED:
                 await self.recorder.record(info.key, method, _as_user(info, request))
             elif method.name == "ReleaseSession":
-                await self._release(info.key)
+                await self._release(info.key, pin)
             elif method.name == "CloneSession":
                 await self._cloned(pin, response, caller, md, context)
             return _for_client(method, pin, response)
@@ -283,11 +291,17 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         call: Any = None
         key: str | None = None
         operation: Operation | None = None
-        with obs, await self._admitted(context, len(request)):
+        audited: Audited | None = None  # an ExecutePlan's record, once it was let in
+        plan = PlanInfo(None, None)
+        status = grpc.StatusCode.OK
+        with obs, await self._admitted(context, method, len(request)):
             try:
                 info, md, pin, caller = await self._routed(method, raw_md, request, context, obs)
                 if method.name == "ExecutePlan" and self._quotas is not None:
-                    operation = await self._operation(caller, context)
+                    operation = await self._operation(method, info, caller, context)
+                if method.name == "ExecutePlan" and self._audit is not None:
+                    audited = self._audit
+                    plan = audited.plan(request)
                 timeout = _timeout(context)
                 key = info.key
                 self.open_streams[key] = self.open_streams.get(key, 0) + 1
@@ -318,11 +332,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 if method.name == "ExecutePlan":
 
                     async def rerun(cut: Pin) -> tuple[Any, Pin]:
+                        nonlocal pin
                         if context.cancelled():  # the client left as its driver went down
                             raise asyncio.CancelledError
                         moved = await self._placed(method, request, info, md, context, obs)
                         if moved.driver == cut.driver:  # back already: it may hold the run
                             await _abort(context, _cut_off(cut))
+                        pin = moved  # the run's record names the driver that finished it
                         args = (method, moved, info, request, md, _timeout(context), obs)
                         return self._dial("unary_stream", *args), moved
 
@@ -330,7 +346,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     context, call, pin, method, obs, response, journal, rerun
                 ):
                     yield message
+            except BaseException as exc:
+                status = status_of(exc, context)[0]
+                raise
             finally:
+                if audited is not None:
+                    audited.execution(
+                        info, caller, pin, plan, status, obs.start, obs.bytes_to_client
+                    )
                 if operation is not None:
                     operation.end()  # however the stream ended: its slot is free here
                 if key is not None:
@@ -350,9 +373,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> bytes:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "unary", raw_md, context)
-        with obs, await self._admitted(context, 0) as held:
+        with obs, await self._admitted(context, method, 0) as held:
             first = await self._first_request(method, requests, context)
-            await self._holding(context, held, len(first))
+            await self._holding(context, method, held, len(first))
             info, md, pin, _ = await self._routed(method, raw_md, first, context, obs)
             outgoing = self._outgoing_stream(method, pin, info, first, requests, obs)
             tape = self.recorder.tape(method)
@@ -386,9 +409,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
     ) -> AsyncIterator[bytes]:
         raw_md = context.invocation_metadata()
         obs = CallObservation(self._telemetry, metrics, "stream", raw_md, context)
-        with obs, await self._admitted(context, 0) as held:
+        with obs, await self._admitted(context, method, 0) as held:
             first = await self._first_request(method, requests, context)
-            await self._holding(context, held, len(first))
+            await self._holding(context, method, held, len(first))
             info, md, pin, _ = await self._routed(method, raw_md, first, context, obs)
             call = self._upstreams.call(pin.driver, "stream_stream", method.path)(
                 self._outgoing_stream(method, pin, info, first, requests, obs),
@@ -398,23 +421,25 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             async for message in self._relay_stream(context, call, pin, method, obs):
                 yield message
 
-    async def _admitted(self, context: grpc.aio.ServicerContext, request_bytes: int) -> Held:
+    async def _admitted(
+        self, context: grpc.aio.ServicerContext, method: Method, request_bytes: int
+    ) -> Held:
         """The call's share of the memory budget, or the call refused (RESOURCE_EXHAUSTED)."""
         try:
             return self.budget.open(context.peer(), request_bytes)
         except OverBudget as exc:
             self._telemetry.over_budget(exc.limit)
-            await _abort(context, exc)
+            await self._refuse(context, exc, method)
 
     async def _holding(
-        self, context: grpc.aio.ServicerContext, held: Held, request_bytes: int
+        self, context: grpc.aio.ServicerContext, method: Method, held: Held, request_bytes: int
     ) -> None:
         """A client stream's first request counted in its call's share, or the call refused."""
         try:
             held.hold(request_bytes)
         except OverBudget as exc:
             self._telemetry.over_budget(exc.limit)
-            await _abort(context, exc)
+            await self._refuse(context, exc, method)
 
     # --- moved sessions: identity, journal, replay ------------------------------------------
 
@@ -501,17 +526,22 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         obs: CallObservation,
         refuse_new: RouterError | None = None,
         admit: Admit | None = None,
+        caller: Identity | None = None,
     ) -> Pin:
         """The session's pin, moving it (sessions/migration.py) if its driver is dead.
 
         `refuse_new`: the error a session that has no pin yet gets instead of one; `admit`
-        (the session quota) is awaited before such a session gets one.
+        (the session quota) is awaited before such a session gets one; `caller` is who the
+        audit names for a session created or refused here.
 
         With no live driver in the pool, the call waits (once, at most
         `no_driver_wait_seconds` after a driver of the pool went down) for one to recover,
         then fails FAILED_PRECONDITION naming the pool, its drivers and their probe errors.
         """
         waited = False
+        created = None
+        if self._audit is not None:
+            created = partial(self._audit.created, groups=caller.groups if caller else frozenset())
         while True:
             lead = ""
             try:
@@ -522,6 +552,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     claim=self._auth is not None,
                     refuse_new=refuse_new,
                     admit=admit,
+                    created=created,
                 )
                 if self._placement.is_live(pin.driver):
                     if pin.key in self._placement.stale:
@@ -544,11 +575,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 await _abort(context, exc.explained(self._health.last_errors, lead))
             except PolicyDenied as exc:  # refuse_new
                 self._telemetry.denials.labels(exc.reason).inc()
-                await _abort(context, exc)
+                await self._refuse(context, exc, method, info, caller)
             except QuotaExceeded as exc:  # admit
-                await self._over_quota(context, exc)
-            except Exception as exc:
-                await _abort(context, exc)
+                await self._over_quota(context, exc, method, info, caller)
+            except Exception as exc:  # a foreign session's id (ownership) among others
+                await self._refuse(context, exc, method, info, caller)
 
     async def _connected(self, pin: Pin, waited: bool) -> Pin:
         """`pin`, once its driver's channel connects if the call waited for a recovery.
@@ -625,9 +656,13 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             if seen is not None:
                 self._placement.learn(pin, seen)
 
-    async def _release(self, key: str) -> None:
+    async def _release(self, key: str, pin: Pin | None = None) -> None:
         """Forget a released session: its pin and journal, and journal entries still waiting;
         it counts against its user's sessions no more."""
+        if self._audit is not None:
+            pin = pin or self._placement.known(key)
+            if pin is not None:
+                self._audit.released(pin)
         self.recorder.forget(key)
         await self._placement.release(key)
         if self._quotas is not None:
@@ -652,8 +687,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         if clone_id is None:
             return
         try:
+            created = None
+            if self._audit is not None:
+                groups = caller.groups if caller is not None else frozenset()
+                created = partial(self._audit.created, groups=groups)
             clone = await self._placement.pin_clone(
-                pin, clone_id, claim=self._auth is not None, admit=self._admission(caller)
+                pin,
+                clone_id,
+                claim=self._auth is not None,
+                admit=self._admission(caller),
+                created=created,
             )
         except PermissionDenied:
             log.warning("clone %s of session %s: its id belongs to another user", clone_id, pin)
@@ -661,7 +704,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         except QuotaExceeded as exc:
             made = Pin(clone_id, pin.driver, pin.pool, owner=pin.owner)
             await self._mover.release_on(made, md)  # the client never hears of it
-            await self._over_quota(context, exc)
+            await self._over_quota(context, exc, protocol.METHODS["CloneSession"], None, caller)
         await self.recorder.copy(pin.key, clone.key, clone_id)
 
     async def move_session(self, key: str, target: str | None = None) -> Pin:
@@ -695,15 +738,18 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         the rate quota's, which answers from leased tokens); anything else goes down the
         slow path (`_placed`): place, claim, follow or move. The caller is None without auth.
         """
+        identity = None
+        asked: RequestInfo | None = None  # what a refusal's record names
         try:
+            if self._audit is not None:
+                self._audit.check()  # audit_when_full: refuse, and its queue full
             metadata = _as_dict(raw_md, self._single)
-            info = protocol.identify(method, metadata, first, self._max_identifier)
-            identity = None
+            info = asked = protocol.identify(method, metadata, first, self._max_identifier)
             refuse_new = None
             if self._auth is not None:
                 credentials = Credentials(metadata, context.peer, context.auth_context)
                 identity = await self._auth.authenticate(credentials)
-                info = self._as_caller(info, identity)
+                info = asked = self._as_caller(info, identity)
                 if self._policy is not None:
                     try:
                         pool = self._policy.current.pool_for(identity, info.pool)
@@ -718,9 +764,9 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                             info = replace(info, pool=pool)
         except PolicyDenied as exc:
             self._telemetry.denials.labels(exc.reason).inc()
-            await _abort(context, exc)
+            await self._refuse(context, exc, method, asked, identity)
         except RouterError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, exc, method, asked, identity)
         if self._telemetry.tracer is not None:
             obs.identified(info.session_id, info.user, info.operation_id)
         md = self._forwarded(raw_md)
@@ -740,10 +786,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     identity.user, identity.groups, info.pool if pin is None else pin.pool
                 )
             except QuotaExceeded as exc:
-                await self._over_quota(context, exc)
+                await self._over_quota(context, exc, method, info, identity)
         if pin is None or pin.driver in placement.move_idle or not placement.is_live(pin.driver):
             admit = self._admission(identity)
-            pin = await self._placed(method, first, info, md, context, obs, refuse_new, admit)
+            pin = await self._placed(
+                method, first, info, md, context, obs, refuse_new, admit, identity
+            )
         if pin.pool != info.pool and identity is not None and self._policy is not None:
             # Placed before (another pool asked, or a reload since): it stays where it is,
             # if the policy still lets the caller use that pool.
@@ -751,7 +799,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 self._policy.current.check_pool(identity, pin.pool)
             except PolicyDenied as exc:
                 self._telemetry.denials.labels(exc.reason).inc()
-                await _abort(context, exc)
+                await self._refuse(context, exc, method, info, identity)
         return info, md, pin, identity
 
     def _admission(self, caller: Identity | None) -> Admit | None:
@@ -767,7 +815,11 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         return admit
 
     async def _operation(
-        self, caller: Identity | None, context: grpc.aio.ServicerContext
+        self,
+        method: Method,
+        info: RequestInfo,
+        caller: Identity | None,
+        context: grpc.aio.ServicerContext,
     ) -> Operation | None:
         """An ExecutePlan's running-operation slot (None: not counted), or the call refused."""
         gate = self._quotas
@@ -776,11 +828,32 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         try:
             return await gate.start_operation(caller.user, caller.groups)
         except QuotaExceeded as exc:
-            await self._over_quota(context, exc)
+            await self._over_quota(context, exc, method, info, caller)
 
-    async def _over_quota(self, context: grpc.aio.ServicerContext, exc: QuotaExceeded) -> NoReturn:
+    async def _over_quota(
+        self,
+        context: grpc.aio.ServicerContext,
+        exc: QuotaExceeded,
+        method: Method,
+        info: RequestInfo | None,
+        caller: Identity | None,
+    ) -> NoReturn:
         """Refuse a call over a quota: counted by its limit, RESOURCE_EXHAUSTED (retry-after)."""
         self._telemetry.quota_refusals.labels(exc.limit).inc()
+        await self._refuse(context, exc, method, info, caller)
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        exc: BaseException,
+        method: Method,
+        info: RequestInfo | None = None,
+        caller: Identity | None = None,
+    ) -> NoReturn:
+        """End a call the router refuses, on the record when the audit is on and it is a
+        denial (authentication, policy, ownership, quota, budget)."""
+        if self._audit is not None:
+            self._audit.denied(exc, method.name, context.peer(), info, caller)
         await _abort(context, exc)
 
     def _as_caller(self, info: RequestInfo, identity: Identity) -> RequestInfo:

@@ -73,7 +73,7 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, replace
 
 import grpc
@@ -183,6 +183,8 @@ class Mover:
         self._upstreams = upstreams
         self._migration = migration
         self._telemetry = telemetry
+        # Called with (old pin, new pin, reason) after each move this replica made (audit).
+        self.on_moved: Callable[[Pin, Pin, str], None] | None = None
         self._moving: dict[str, asyncio.Future[tuple[Pin, bool]]] = {}  # session -> its move
         self._background: set[asyncio.Future[None]] = set()  # drains' releases
 
@@ -281,6 +283,8 @@ class Mover:
         if not moved_here:
             return winner, False  # another replica moved it first: follow, replay nothing
         self._telemetry.sessions_moved.labels(pin.pool, reason.value).inc()
+        if self.on_moved is not None:
+            self.on_moved(pin, winner, reason.value)
         log.info(
             "session %s moved from %s to %s (%s)",
             pin.session_id,

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 Admit = Callable[[str], Awaitable[None]]
 """Awaited with a session's key before its first pin is made; raises to refuse it."""
 
+Created = Callable[[Pin], None]
+"""Called with a session's first pin once it is made here (the audit's session.created)."""
+
 
 def choose(
     session_id: str,
@@ -204,6 +207,7 @@ class Placement:
         claim: bool = False,
         refuse_new: Exception | None = None,
         admit: Admit | None = None,
+        created: Created | None = None,
     ) -> Pin:
         """The pin of (owner, session id), creating it on the session's first call.
 
@@ -211,7 +215,8 @@ class Placement:
         that another user holds is PermissionDenied, on every replica (registry.claim).
         During a registry outage the claim cannot be checked; the pin is made anyway.
         `refuse_new` is raised instead of making a pin for a session that has none; `admit`
-        (the module docstring) is awaited before one is made.
+        (the module docstring) is awaited before one is made, `created` called once it is
+        (not when another replica's pin won).
         """
         key = session_key(owner, session_id)
         pin = self.known(key)
@@ -230,13 +235,22 @@ class Placement:
             new = self._new_pin(session_id, pool, owner)
             if admit is not None:
                 await admit(key)
+            if created is not None:
+                created(new)
             return self._placed(self._pending_pin(new))
         if refuse_new is not None:
             raise refuse_new
-        return await self._bind_new(self._new_pin(session_id, pool, owner), "ring", claim, admit)
+        new = self._new_pin(session_id, pool, owner)
+        return await self._bind_new(new, "ring", claim, admit, created)
 
     async def pin_clone(
-        self, source: Pin, clone_id: str, *, claim: bool = False, admit: Admit | None = None
+        self,
+        source: Pin,
+        clone_id: str,
+        *,
+        claim: bool = False,
+        admit: Admit | None = None,
+        created: Created | None = None,
     ) -> Pin:
         """Pin a clone of `source` to the source's driver (same owner and pool): the pin in force.
 
@@ -245,10 +259,15 @@ class Placement:
         `admit` is awaited before the pin is made (a clone is a new session).
         """
         pin = Pin(clone_id, source.driver, source.pool, owner=source.owner, created=time.time())
-        return await self._bind_new(pin, "clone", claim, admit)
+        return await self._bind_new(pin, "clone", claim, admit, created)
 
     async def _bind_new(
-        self, pin: Pin, source: str, claim: bool, admit: Admit | None = None
+        self,
+        pin: Pin,
+        source: str,
+        claim: bool,
+        admit: Admit | None = None,
+        created: Created | None = None,
     ) -> Pin:
         """Bind a new session's pin (claiming its id first with `claim`, then `admit`): the
         pin in force.
@@ -267,14 +286,18 @@ class Placement:
             if admit is not None:
                 await admit(pin.key)
                 admitted = True
-            pin = await self._registry.bind(pin)
+            bound = await self._registry.bind(pin)
             self._registry_ok()
         except RegistryUnavailable as exc:
             self._registry_down(exc)
             if admit is not None and not admitted:  # the claim failed: admit it anyway
                 await admit(pin.key)
+            if created is not None:
+                created(pin)
             return self._placed(self._pending_pin(pin))
-        return self._placed(pin, source)
+        if created is not None and bound == pin:  # else another replica made it first
+            created(pin)
+        return self._placed(bound, source)
 
     def _pending_pin(self, pin: Pin) -> Pin:
         """Keep a pin made during a registry outage, to be written back by `flush`."""
