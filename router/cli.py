@@ -518,7 +518,7 @@ def list_sessions(
 )
 @click.option("--json", "as_json", is_flag=True, help="print the answer as JSON.")
 def list_quotas(admin: str, admin_token: str | None, as_json: bool) -> None:
-    """Show the quotas and what one replica counts against them (its own view)."""
+    """Show the quotas, each user's open sessions and what one replica counts (its own view)."""
     import json as jsonlib
 
     from router.admin.client import AdminControl
@@ -538,13 +538,14 @@ def list_quotas(admin: str, admin_token: str | None, as_json: bool) -> None:
     if found["users"]:
         click.echo("")
         rows: list[tuple[str, ...]] = [
-            ("USER", "RUNNING HERE", "SLOTS LEASED HERE", "SESSIONS OPENED IN OUTAGE")
+            ("USER", "SESSIONS", "RUNNING HERE", "SLOTS LEASED HERE", "SESSIONS OPENED IN OUTAGE")
         ]
         for u in found["users"]:
             outage = u.get("sessions_opened_in_outage")
             rows.append(
                 (
                     u["user"] or "-",
+                    str(u.get("sessions", "-")),
                     str(u["running"]),
                     str(u["slots_leased"]),
                     "-" if outage is None else str(outage),

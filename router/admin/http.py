@@ -42,6 +42,7 @@ import asyncio
 import hmac
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -568,12 +569,22 @@ class AdminListener:
                 }
             )
         usage = gate.usage()
+        # Sessions are counted from pins, which every replica shares: the cluster's count.
+        pins = await self._replica.registry.sessions(None, operations.MAX_LISTED)
+        open_sessions = Counter(p.owner for p in pins if p.owner)
+        users = {u["user"]: u for u in usage["users"]}
+        for user in open_sessions.keys() - users.keys():
+            users[user] = {"user": user, "running": 0, "slots_leased": 0}
+        for user, entry in users.items():
+            entry["sessions"] = open_sessions.get(user, 0)
+        usage["users"] = [users[u] for u in sorted(users)]
         return _json(
             {
                 "view": "this replica",
-                "note": "what this replica counts: running operations, slots and tokens "
-                "leased here, calls here in about the last second; session counts and the "
-                "other replicas' leases are in the registry",
+                "note": "sessions: each user's open sessions on all replicas (their pins); "
+                "the rest is what this replica counts: running operations, slots and tokens "
+                "leased here, calls here in about the last second (the other replicas' "
+                "leases are in the registry)",
                 **usage,
                 "limits": gate.quotas.spec.model_dump(mode="json", exclude_none=True),
             }

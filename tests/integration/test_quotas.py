@@ -374,8 +374,12 @@ async def test_the_admin_endpoint_and_the_cli_show_this_replicas_counts(world: W
             assert gate is not None and found["replica"] == gate.replica
             assert found["replicas"] in (1, 2)  # as counted at its last renewal
             assert [u for u in found["users"] if u["user"] == "bob"] == [
-                {"user": "bob", "running": 1, "slots_leased": 1}
+                {"user": "bob", "running": 1, "slots_leased": 1, "sessions": 1}
             ]
+            # Sessions are the cluster's: one opened through the other replica counts too.
+            await world.config(cluster.stubs[1], "bob", _new())
+            found = await asyncio.to_thread(AdminControl(url, world.issued["root"]).quotas)
+            assert [u["sessions"] for u in found["users"] if u["user"] == "bob"] == [2]
             assert found["limits"]["users"] == {"bob": {"running": 2}}
             text = json.dumps(found)
             assert not any(token in text for token in world.issued.values())
@@ -388,6 +392,7 @@ async def test_the_admin_endpoint_and_the_cli_show_this_replicas_counts(world: W
             )
             assert result.exit_code == 0, result.output
             assert "RUNNING HERE" in result.output and "bob" in result.output
+            assert "SESSIONS" in result.output
         finally:
             stream.cancel()
             await asyncio.gather(reading, return_exceptions=True)
