@@ -147,6 +147,11 @@ class Registry(Protocol):
         """Up to `limit` live pins: those on `driver`, or any (for operators, not the hot path)."""
         ...
 
+    async def expired_pins(self, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` pins that lapsed by their TTL (idle for pin_ttl, never released),
+        each reported once, to one caller of any instance; oldest first where known."""
+        ...
+
     async def quota_session_acquire(
         self, user: str, key: str, limit: int, ttl: float
     ) -> SessionGrant:

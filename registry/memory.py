@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +40,8 @@ from registry.models import (
 )
 
 _CLOSED = object()
+# Lapsed pins kept for expired_pins; past this many (nobody asks), the oldest are forgotten.
+_MAX_LAPSED = 100_000
 
 
 @dataclass
@@ -60,6 +63,7 @@ class MemoryRegistry:
         self._pin_ttl = pin_ttl
         self._clock = clock
         self._pins: dict[str, tuple[Pin, float]] = {}
+        self._lapsed: deque[Pin] = deque(maxlen=_MAX_LAPSED)  # for expired_pins
         self._drivers: dict[str, tuple[Driver, float]] = {}
         self._subscribers: list[asyncio.Queue[object]] = []
         self._draining: dict[str, DrainMode] = {}
@@ -84,6 +88,7 @@ class MemoryRegistry:
             return None
         if entry[1] <= self._clock():
             del self._pins[session_id]
+            self._lapsed.append(entry[0])
             return None
         return entry[0]
 
@@ -115,6 +120,15 @@ class MemoryRegistry:
         self._pins[session_id] = (pin, self._clock() + self._pin_ttl)
         self._publish(Event(EventKind.PIN_MOVED, pin=pin, session_id=session_id))
         return pin
+
+    async def expired_pins(self, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` pins that lapsed by their TTL, each reported once."""
+        now = self._clock()
+        for key, (pin, expires) in list(self._pins.items()):
+            if expires <= now:
+                del self._pins[key]
+                self._lapsed.append(pin)
+        return [self._lapsed.popleft() for _ in range(min(limit, len(self._lapsed)))]
 
     async def release(self, session_id: str) -> None:
         """Forget a session's pin."""

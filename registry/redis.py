@@ -11,6 +11,12 @@ may touch them together):
     {P}:sessions:<address>  set     session ids pinned to the driver (members whose pin has
                                     expired are dropped when it is listed); PEXPIRE pin_ttl,
                                     refreshed by binds, moves and `touch`
+    {P}:expiry              zset    member = session key, driver and pool of every pin,
+                                    joined by 0x1f (ASCII unit separator); score = a lower
+                                    bound of its expiry (Redis time, s): `expired_pins`
+                                    reports and drops the members whose pin is gone and
+                                    re-scores those touched since; binds and moves write
+                                    members, a release drops its own
     {P}:drivers             zset    member = driver address, score = expiry as unix time in
                                     seconds (Redis server clock), +inf for a static driver
     {P}:driver:<address>    hash    pool, weight, state; expires 60 s after its zset entry
@@ -138,38 +144,79 @@ DRIVER_HASH_GRACE_MS = 60_000
 
 T = TypeVar("T")
 
-# KEYS: pin. ARGV: pin, ttl ms, session set key of the pin's driver, session id
+# KEYS: pin. ARGV: pin, ttl ms, session set key of the pin's driver, session id, expiry
+# zset, the pin's expiry member
 _BIND = """
 local current = redis.call('GET', KEYS[1])
 if current then return current end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', ARGV[3], ARGV[4])
 redis.call('PEXPIRE', ARGV[3], ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', ARGV[5], now + tonumber(ARGV[2]) / 1000, ARGV[6])
 return ARGV[1]
 """
 
 # KEYS: pin. ARGV: expected driver, new pin, ttl ms, channel, PIN_MOVED event,
-# session set key prefix, new driver, session id
+# session set key prefix, new driver, session id, expiry zset, the new pin's expiry member
 _MOVE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return false end
-if cjson.decode(current)[1] ~= ARGV[1] then return current end
+local old = cjson.decode(current)
+if old[1] ~= ARGV[1] then return current end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 redis.call('SREM', ARGV[6] .. ARGV[1], ARGV[8])
 redis.call('SADD', ARGV[6] .. ARGV[7], ARGV[8])
 redis.call('PEXPIRE', ARGV[6] .. ARGV[7], ARGV[3])
+redis.call('ZREM', ARGV[9], ARGV[8] .. '\\31' .. old[1] .. '\\31' .. tostring(old[2]))
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZADD', ARGV[9], now + tonumber(ARGV[3]) / 1000, ARGV[10])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return ARGV[2]
 """
 
-# KEYS: pin. ARGV: channel, PIN_RELEASED event, session set key prefix, session id
+# KEYS: pin. ARGV: channel, PIN_RELEASED event, session set key prefix, session id,
+# expiry zset
 _RELEASE = """
 local current = redis.call('GET', KEYS[1])
 if not current then return 0 end
+local pin = cjson.decode(current)
 redis.call('DEL', KEYS[1])
-redis.call('SREM', ARGV[3] .. cjson.decode(current)[1], ARGV[4])
+redis.call('SREM', ARGV[3] .. pin[1], ARGV[4])
+redis.call('ZREM', ARGV[5], ARGV[4] .. '\\31' .. pin[1] .. '\\31' .. tostring(pin[2]))
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
+"""
+
+# KEYS: expiry zset. ARGV: pin key prefix, limit, pin ttl ms.
+# The members due whose pin is gone (or names another driver or pool: it lapsed and the
+# session was pinned afresh) are dropped and returned; the others were touched since and
+# get their pin's real expiry as score. Each lapsed pin is returned to one caller, once.
+_EXPIRED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {}
+for _, member in ipairs(due) do
+  local key, driver, pool = string.match(member, '^(.*)\\31([^\\31]*)\\31([^\\31]*)$')
+  local pin = key and redis.call('GET', ARGV[1] .. key)
+  local live = false
+  if pin then
+    local fields = cjson.decode(pin)
+    live = fields[1] == driver and tostring(fields[2]) == pool
+  end
+  if live then
+    local ttl = redis.call('PTTL', ARGV[1] .. key)
+    if ttl < 0 then ttl = tonumber(ARGV[3]) end
+    redis.call('ZADD', KEYS[1], now + ttl / 1000, member)
+  else
+    redis.call('ZREM', KEYS[1], member)
+    out[#out + 1] = member
+  end
+end
+return out
 """
 
 # KEYS: session set of a driver. ARGV: pin key prefix, driver, limit.
@@ -417,6 +464,8 @@ class RedisRegistry:
         self._bind = client.register_script(_BIND)
         self._move = client.register_script(_MOVE)
         self._release = client.register_script(_RELEASE)
+        self._expired = client.register_script(_EXPIRED)
+        self._expiry_key = f"{self._tag}:expiry"
         self._sessions = client.register_script(_SESSIONS)
         self._upsert = client.register_script(_UPSERT)
         self._drivers = client.register_script(_DRIVERS)
@@ -523,6 +572,8 @@ class RedisRegistry:
                 self._pin_ttl_ms,
                 self._sessions_prefix + pin.driver,
                 pin.key,
+                self._expiry_key,
+                _expiry_member(pin.key, pin),
             ],
         )
         return _decode_pin(pin.key, value)
@@ -543,6 +594,8 @@ class RedisRegistry:
                 self._sessions_prefix,
                 pin.driver,
                 session_id,
+                self._expiry_key,
+                _expiry_member(session_id, pin),
             ],
         )
         return None if value is None else _decode_pin(session_id, value)
@@ -554,8 +607,29 @@ class RedisRegistry:
             "release",
             self._release,
             keys=[self._pin_key(session_id)],
-            args=[self._channel, _encode(event), self._sessions_prefix, session_id],
+            args=[
+                self._channel,
+                _encode(event),
+                self._sessions_prefix,
+                session_id,
+                self._expiry_key,
+            ],
         )
+
+    async def expired_pins(self, limit: int = 1000) -> list[Pin]:
+        """Up to `limit` pins that lapsed by their TTL, each reported once, to one caller."""
+        members = await self._script(
+            "expired_pins",
+            self._expired,
+            keys=[self._expiry_key],
+            args=[self._pin_prefix, limit, self._pin_ttl_ms],
+        )
+        lapsed = []
+        for member in members:
+            key, driver, pool = _text(member).rsplit("\x1f", 2)
+            user, session_id = split_key(key)
+            lapsed.append(Pin(session_id, driver, pool, owner=user))
+        return lapsed
 
     async def sessions(self, driver: str | None = None, limit: int = 1000) -> list[Pin]:
         """Up to `limit` live pins: those on `driver` (one round trip), or any (a SCAN)."""
@@ -960,6 +1034,11 @@ def _ms(seconds: float) -> int:
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _expiry_member(key: str, pin: Pin) -> str:
+    """A pin's member of the expiry zset (the Lua scripts build the same string)."""
+    return f"{key}\x1f{pin.driver}\x1f{pin.pool}"
 
 
 def _encode_pin(pin: Pin) -> str:

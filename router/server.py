@@ -46,7 +46,7 @@ from common.lifecycle import EXIT_OK, EXIT_STARTUP_FAILURE, Signals, finish_unle
 from registry.base import Registry, RegistryUnavailable
 from registry.models import DrainMode, Driver, EventKind
 from router.admin.http import AdminListener
-from router.admit.audit import AuditLog, AuditSettings, PrometheusAuditMetrics
+from router.admit.audit import AuditLog, AuditSettings, PrometheusAuditMetrics, session_expired
 from router.admit.auth import Authenticator
 from router.admit.policy_file import Loaded, PolicyFile
 from router.admit.quotas import QuotaGate
@@ -66,6 +66,9 @@ log = logging.getLogger(__name__)
 
 # How long stop() waits for its background tasks to end once cancelled.
 _TASK_STOP_SECONDS = 5.0
+# Lapsed pins taken from the registry per tick: batches of this many, at most this often.
+_EXPIRED_BATCH = 500
+_EXPIRED_BATCHES = 10
 
 
 class StartupError(Exception):
@@ -415,11 +418,30 @@ class Replica:
             self.telemetry.set_request_bytes(self.proxy.budget.request_bytes)
             if self.placement.needs_flush or loop.time() >= next_flush:
                 await self.placement.flush()
+                await self._expired()
                 next_flush = loop.time() + self.settings.pin_touch_interval_seconds
             if self.placement.has_learned:  # server-side ids seen since the last tick
                 await self.placement.write_learned()
             if self.proxy.recorder.needs_flush:  # journal entries of a registry outage
                 await self.proxy.recorder.flush()
+
+    async def _expired(self) -> None:
+        """Sessions whose pins lapsed (any replica's): counted, and on the audit trail."""
+        for _ in range(_EXPIRED_BATCHES):  # bounded: the rest waits for the next tick
+            lapsed = await self.placement.expired(_EXPIRED_BATCH)
+            if self.audit.enabled:
+                for pin in lapsed:
+                    self.audit.offer(
+                        session_expired(
+                            user=pin.owner,
+                            session=pin.session_id,
+                            pool=pin.pool,
+                            driver=pin.driver,
+                            reason="idle",
+                        )
+                    )
+            if len(lapsed) < _EXPIRED_BATCH:
+                return
 
     async def stop(self, grace: float | None = None) -> None:
         """Readiness off, stop accepting calls, let in-flight ones finish for `grace`, close."""

@@ -160,6 +160,13 @@ class Telemetry:
             ["pool"],
             registry=r,
         )
+        self.sessions_expired = Counter(
+            "spark_router_sessions_expired",
+            "sessions whose pin lapsed (idle for pin_ttl_seconds, never released), by pool; "
+            "each counted by the one replica that found it",
+            ["pool"],
+            registry=r,
+        )
         self.authentications = Counter(
             "spark_router_authentications",
             "callers' credentials checked, by mode (token, jwt, trusted-header, mtls, none) "

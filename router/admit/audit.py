@@ -12,7 +12,8 @@ has exactly the fields listed, `null` when unknown; names are those of the house
 - session.released: user, session, pool, driver (a ReleaseSession that reached the driver).
 - session.moved: user, session, pool, from_driver, driver (the new one), reason
   (driver_down, drain, admin, ...).
-- session.expired: user, session, pool, driver, reason (idle, ...): a pin the router forgot.
+- session.expired: user, session, pool, driver, reason (idle): a pin that lapsed in the
+  registry (registry.expired_pins: found by one replica, once).
 - execution: one per ExecutePlan: user, groups, session, operation, pool, driver, plan (the
   plan kind, see `read_plan`), sql and sql_sha256 (per `Redaction.sql`: one or neither),
   status (gRPC code name, "OK"), duration_ms, rows and bytes returned (null when not counted).

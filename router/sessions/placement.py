@@ -399,6 +399,18 @@ class Placement:
             # The pin expires by its TTL; nothing else depends on it.
             self._registry_down(exc)
 
+    async def expired(self, limit: int = 1000) -> list[Pin]:
+        """Pins that lapsed in the registry since anyone last asked (each to one replica),
+        counted by pool; none while the registry is unreachable."""
+        try:
+            lapsed = await self._registry.expired_pins(limit)
+        except RegistryUnavailable as exc:
+            self._registry_down(exc)
+            return []
+        for pin in lapsed:
+            self.telemetry.sessions_expired.labels(pin.pool).inc()
+        return lapsed
+
     def on_event(self, event: Event) -> None:
         """Apply a pin change announced by another replica."""
         if event.kind is EventKind.PIN_MOVED and event.pin is not None:

@@ -438,6 +438,42 @@ async def test_a_file_renamed_away_keeps_its_lines_and_a_new_one_takes_the_next(
         assert _written(replica) == 3
 
 
+# --- sessions whose pins lapse -------------------------------------------------------------
+
+
+async def test_a_session_left_idle_past_its_pin_ttl_is_recorded_expired_once(
+    world: World, tmp_path: Path
+) -> None:
+    path = tmp_path / "audit.log"
+    quick = {"pin_ttl_seconds": 1.0, "pin_touch_interval_seconds": 0.2}
+    async with world.cluster(audit_file=path, membership_poll_seconds=0.1, **quick) as cluster:
+        stub, replica = cluster.stubs[0], cluster.replicas[0]
+        idle, busy = _new(), _new()
+        port = int((await world.config(stub, "alice", idle)).pairs[0].value)
+        await world.config(stub, "alice", busy)
+
+        def expired() -> list[dict[str, Any]]:
+            return _of(_read(path), "session.expired")
+
+        deadline = time.monotonic() + WAIT
+        while not expired() and time.monotonic() < deadline:
+            await world.config(stub, "alice", busy)  # its pin is touched: it never lapses
+            await asyncio.sleep(0.1)  # pacing the busy session's calls, not a wait
+        lapsed = expired()
+        assert len(lapsed) == 1, lapsed
+        _check_fields(lapsed[0])
+        assert {k: lapsed[0][k] for k in ("user", "session", "pool", "driver", "reason")} == {
+            "user": "alice",
+            "session": idle,
+            "pool": "default",
+            "driver": world.driver_at(port).address,
+            "reason": "idle",
+        }
+        assert _value(replica, "spark_router_sessions_expired_total", pool="default") == 1
+        await world.config(stub, "alice", busy)
+        assert len(expired()) == 1  # reported once; the busy one never
+
+
 # --- every event kind, field by field ------------------------------------------------------
 
 

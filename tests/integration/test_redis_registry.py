@@ -99,11 +99,15 @@ async def test_every_key_carries_the_hash_tag(
         f"{tag}:driver:d1:1",
         f"{tag}:driver:d2:1",
         f"{tag}:drivers",
+        f"{tag}:expiry",
         f"{tag}:pin:s1",
         f"{tag}:pin:s2",
         f"{tag}:sessions:d1:1",
         f"{tag}:sessions:d2:1",
     ]
+    # One expiry member per pin, the moved one under its new driver.
+    members = await admin.zrange(f"{tag}:expiry", 0, -1)
+    assert sorted(members) == ["s1\x1fd1:1\x1fgold", "s2\x1fd2:1\x1fdefault"]
     assert len({key_slot(key.encode()) for key in [*keys, channel]}) == 1
     assert await admin.pubsub_channels() == [channel]
     assert await admin.get(f"{tag}:pin:s1") == '["d1:1","gold",null,null,null,0]'
@@ -216,8 +220,8 @@ async def test_bind_is_one_command_on_the_server(
     from_client = [c["command"].split()[0].upper() for c in seen if c["client_type"] != "lua"]
     from_script = [c["command"].split()[0].upper() for c in seen if c["client_type"] == "lua"]
     assert from_client == ["EVALSHA", "EVALSHA", "GET"]
-    # won: GET, SET and the driver's session list; lost: GET only
-    assert from_script == ["GET", "SET", "SADD", "PEXPIRE", "GET"]
+    # won: GET, SET, the driver's session list and the expiry index; lost: GET only
+    assert from_script == ["GET", "SET", "SADD", "PEXPIRE", "TIME", "ZADD", "GET"]
 
 
 async def test_concurrency_is_bounded(redis_url: str, admin: aioredis.Redis) -> None:

@@ -338,6 +338,77 @@ async def test_touch_keeps_pins_alive(store: Harness) -> None:
     await eventually(store, kept_gone, "the pin to expire once no longer touched")
 
 
+async def test_lapsed_pins_are_reported_once_to_one_instance(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    other = await store.peer(reg)
+    lapsing = Pin("lapsing", "d1:1", "etl", owner="alice")
+    await reg.bind(lapsing)
+    await reg.bind(Pin("released", "d1:1"))
+    await reg.bind(Pin("kept", "d1:1"))
+    await reg.bind(Pin("moving", "d1:1"))
+    await reg.move("moving", "d1:1", Pin("moving", "d2:1", move_token="t"))
+    await reg.release("released")
+    assert await reg.expired_pins() == [] and await other.expired_pins() == []
+    found: list[Pin] = []
+
+    async def lapsed() -> bool:
+        await other.touch(["kept"])
+        found.extend(await reg.expired_pins())
+        found.extend(await other.expired_pins())
+        return {p.session_id for p in found} >= {"lapsing", "moving"}
+
+    await eventually(store, lapsed, "the untouched pins to be reported")
+    # Each lapsed pin once, to whichever instance asked first; with its driver and pool as
+    # they were (the moved one's new driver); neither the released nor the touched one.
+    by_id = {p.session_id: p for p in found}
+    assert sorted(p.session_id for p in found) == ["lapsing", "moving"]
+    assert by_id["lapsing"] == Pin("lapsing", "d1:1", "etl")
+    assert by_id["lapsing"].owner == "alice"
+    assert by_id["moving"].driver == "d2:1"
+    assert await reg.get_pin("kept") == Pin("kept", "d1:1")
+    assert await reg.expired_pins() == [] and await other.expired_pins() == []
+
+
+async def test_a_lapsed_pin_bound_afresh_is_reported_and_the_new_one_is_not(
+    store: Harness,
+) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    await reg.bind(Pin("again", "d1:1"))
+
+    async def gone() -> bool:
+        return await reg.get_pin("again") is None
+
+    await eventually(store, gone, "the pin to expire")
+    await reg.bind(Pin("again", "d2:1"))  # the session came back: pinned afresh elsewhere
+    found: list[Pin] = []
+
+    async def reported() -> bool:
+        found.extend(await reg.expired_pins())
+        return bool(found)
+
+    await eventually(store, reported, "the lapsed pin to be reported")
+    assert [(p.session_id, p.driver) for p in found] == [("again", "d1:1")]
+    assert await reg.get_pin("again") == Pin("again", "d2:1")
+    await reg.release("again")
+    assert await reg.expired_pins() == []  # released, not lapsed
+
+
+async def test_expired_pins_honours_its_limit(store: Harness) -> None:
+    reg = await store.open(pin_ttl=1.0)
+    for i in range(5):
+        await reg.bind(Pin(f"s{i}", "d1:1"))
+    found: list[Pin] = []
+
+    async def all_reported() -> bool:
+        batch = await reg.expired_pins(limit=2)
+        assert len(batch) <= 2
+        found.extend(batch)
+        return len(found) >= 5
+
+    await eventually(store, all_reported, "every lapsed pin, two at a time")
+    assert sorted(p.session_id for p in found) == [f"s{i}" for i in range(5)]
+
+
 # --- drivers ----------------------------------------------------------------------------
 
 
