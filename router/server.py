@@ -196,6 +196,10 @@ class Replica:
                     "quota sync failed; trying again in %ss", self.settings.quota_sync_seconds
                 )
             self.telemetry.quota_replicas.set(gate.replicas)
+            pool_calls = self.telemetry.quota_pool_calls
+            for bucket in gate.usage()["buckets"]:
+                if bucket["kind"] == "pool":
+                    pool_calls.labels(bucket["name"]).set(bucket["calls_last_second"])
 
     @property
     def address(self) -> str:

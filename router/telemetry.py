@@ -199,6 +199,21 @@ class Telemetry:
         )
         for limit in ("sessions", "running", "calls_per_second", "pool_calls_per_second"):
             self.quota_refusals.labels(limit)
+        self.quota_pool_calls = Gauge(
+            "spark_router_quota_pool_calls",
+            "calls of each pool with a calls_per_second quota that this replica saw in about "
+            "the last second (set every quota_sync_seconds; the pool's usage of its rate)",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.operations_running = Gauge(
+            "spark_router_operations_running",
+            "ExecutePlan streams open on this replica, by pool (what the running quota counts)",
+            ["pool"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.quota_degraded = Gauge(
             "spark_router_quota_degraded",
             "1 while quotas cannot reach the registry: each replica enforces its share "

@@ -292,6 +292,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         key: str | None = None
         operation: Operation | None = None
         audited: Audited | None = None  # an ExecutePlan's record, once it was let in
+        running: Any = None  # its pool's gauge of open ExecutePlan streams
         plan = PlanInfo(None, None)
         status = grpc.StatusCode.OK
         with obs, await self._admitted(context, method, len(request)):
@@ -299,9 +300,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                 info, md, pin, caller = await self._routed(method, raw_md, request, context, obs)
                 if method.name == "ExecutePlan" and self._quotas is not None:
                     operation = await self._operation(method, info, caller, context)
-                if method.name == "ExecutePlan" and self._audit is not None:
-                    audited = self._audit
-                    plan = audited.plan(request)
+                if method.name == "ExecutePlan":
+                    running = self._telemetry.operations_running.labels(pin.pool)
+                    running.inc()
+                    if self._audit is not None:
+                        audited = self._audit
+                        plan = audited.plan(request)
                 timeout = _timeout(context)
                 key = info.key
                 self.open_streams[key] = self.open_streams.get(key, 0) + 1
@@ -354,6 +358,8 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     audited.execution(
                         info, caller, pin, plan, status, obs.start, obs.bytes_to_client
                     )
+                if running is not None:
+                    running.dec()
                 if operation is not None:
                     operation.end()  # however the stream ended: its slot is free here
                 if key is not None:

@@ -368,6 +368,8 @@ async def test_the_admin_endpoint_and_the_cli_show_this_replicas_counts(world: W
         reading = asyncio.ensure_future(_all(stream))
         try:
             await eventually(lambda: world.executions(s) == 1, "the stream open", timeout=20)
+            running = replica.telemetry.value("spark_router_operations_running", pool="default")
+            assert running == 1  # the pool's usage, without a user label
             found = await asyncio.to_thread(AdminControl(url, world.issued["root"]).quotas)
             assert found["view"] == "this replica" and found["active"] is True
             gate = replica.quotas
@@ -396,6 +398,24 @@ async def test_the_admin_endpoint_and_the_cli_show_this_replicas_counts(world: W
         finally:
             stream.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+
+async def test_a_pools_usage_of_its_rate_is_a_metric_without_user_labels(world: World) -> None:
+    quotas = {"pools": {"default": {"calls_per_second": 1000, "burst": 1000}}}
+    async with world.cluster(quotas) as cluster:
+        a, replica = cluster.stubs[0], cluster.replicas[0]
+        session = _new()
+        for _ in range(20):
+            await world.config(a, "dave", session)
+
+        def seen() -> float:
+            return replica.telemetry.value("spark_router_quota_pool_calls", pool="default")
+
+        await eventually(lambda: seen() > 0, "the pool's calls counted at a sync", timeout=10)
+        assert seen() <= 20
+        exposed = replica.telemetry.exposition()[0].decode()
+        lines = [x for x in exposed.splitlines() if x.startswith("spark_router_quota_pool_calls")]
+        assert lines and all("user" not in x for x in lines)
 
 
 async def test_without_a_policy_file_there_are_no_quotas_to_show(router: Replica) -> None:
