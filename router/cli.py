@@ -30,9 +30,9 @@ def _fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-def _settings(config: Path | None, **flags: Any) -> Settings:
+def _settings(config: Path | None, for_authz: bool = False, **flags: Any) -> Settings:
     try:
-        return load_settings(config, **flags)
+        return load_settings(config, for_authz=for_authz, **flags)
     except ConfigError as exc:
         lines = str(exc).splitlines()
         _fail("invalid configuration:\n  " + "\n  ".join(lines), EXIT_CONFIG)
@@ -113,6 +113,29 @@ def serve(
         )
     code = run_workers(settings) if settings.workers > 1 else run_replica(settings)
     sys.exit(code)
+
+
+@cli.command()
+@click.option(
+    "--listen",
+    help="HOST:PORT to listen on [default: 127.0.0.1:15003, this machine only: next to Envoy].",
+)
+@_config_option
+@_log_option
+def authz(listen: str | None, config: Path | None, log_level: str | None) -> None:
+    """Answer Envoy's ext_authz checks with the router's auth and policy (needs auth)."""
+    settings = _settings(config, for_authz=True, authz_listen=listen, log_level=log_level)
+    configure_logging(settings.log_level, settings.log_format)
+    if not settings.auth_enabled:
+        _fail(
+            "authz needs auth: set auth (token, jwt, trusted-header or mtls) with "
+            "SPARK_ROUTER_AUTH or the config file; with auth none there is nobody to vouch for "
+            "a caller",
+            EXIT_CONFIG,
+        )
+    from router.authz import run_authz
+
+    sys.exit(run_authz(settings))
 
 
 @cli.command()

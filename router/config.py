@@ -58,6 +58,9 @@ def _check_address(value: str, allow_port_zero: bool) -> str:
 
 
 _config_file: ContextVar[Path | None] = ContextVar("spark_router_config_file", default=None)
+# Set while building the Settings of `spark-router authz`: there mtls is Envoy's (the source
+# principal it verified), so the router's own listener needs no client certificates.
+_for_authz: ContextVar[bool] = ContextVar("spark_router_for_authz", default=False)
 
 
 class _YamlFile(PydanticBaseSettingsSource):
@@ -341,6 +344,13 @@ class Settings(BaseSettings):
         default_factory=list, description="groups whose members may use the admin API"
     )
 
+    # --- the Envoy ext_authz server (`spark-router authz`, router/authz.py) ---
+    authz_listen: str = Field(
+        "127.0.0.1:15003",
+        description="HOST:PORT the ext_authz server (`spark-router authz`) listens on: "
+        "loopback by default, for an Envoy on the same machine or pod",
+    )
+
     # --- may they (router/admit/policy.py) ---
     policy_file: Path | None = Field(
         None,
@@ -533,7 +543,7 @@ class Settings(BaseSettings):
             )
         if "trusted-header" in modes and not self.trusted_proxies:
             problems.append("auth trusted-header needs trusted_proxies")
-        if "mtls" in modes and self.tls_client_auth == "none":
+        if "mtls" in modes and self.tls_client_auth == "none" and not _for_authz.get():
             problems.append("auth mtls needs tls_client_auth require")
         if self.max_request_bytes_in_flight < self.max_message_bytes:
             problems.append(
@@ -591,7 +601,7 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not replay or strict")
         return value
 
-    @field_validator("listen")
+    @field_validator("listen", "authz_listen")
     @classmethod
     def _check_listen(cls, value: str) -> str:
         return _check_address(value, allow_port_zero=True)
@@ -628,20 +638,33 @@ class Settings(BaseSettings):
         return split_host_port(self.listen)
 
     @property
+    def authz_host_port(self) -> tuple[str, int]:
+        """The ext_authz server's address split into host and port."""
+        return split_host_port(self.authz_listen)
+
+    @property
     def admin_host_port(self) -> tuple[str, int] | None:
         """The admin listener's address split into host and port; None when it is off."""
         return None if self.admin_listen == ADMIN_OFF else split_host_port(self.admin_listen)
 
 
-def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Build Settings from flags (`overrides`, None values ignored), env, a YAML file, defaults."""
+def load_settings(
+    config_file: Path | None = None, *, for_authz: bool = False, **overrides: Any
+) -> Settings:
+    """Build Settings from flags (`overrides`, None values ignored), env, a YAML file, defaults.
+
+    `for_authz`: the Settings of `spark-router authz`, whose mtls mode reads the client
+    certificate Envoy verified, so it needs no `tls_client_auth` of its own.
+    """
     given = {k: v for k, v in overrides.items() if v is not None}
     token = _config_file.set(config_file)
+    authz = _for_authz.set(for_authz)
     try:
         return Settings(**given)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
     finally:
+        _for_authz.reset(authz)
         _config_file.reset(token)
 
 

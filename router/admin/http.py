@@ -57,7 +57,7 @@ from router.admin import records as operations
 from router.admit import audit
 from router.admit.audit import AuditLog
 from router.admit.auth import Authenticator, Credentials
-from router.admit.policy import is_admin
+from router.admit.policy import ADMIN_CLOSED, admin_by_role, may_administer, no_admin_role
 from router.admit.policy_file import PolicyFile
 from router.admit.quotas import QuotaGate
 from router.config import Settings
@@ -405,11 +405,7 @@ class AdminListener:
             ways.append("the credentials of a user in admin_users, admin_groups or an admin role")
         if not by_role:
             if self._token is None:
-                return _error(
-                    403,
-                    "the admin API is closed: auth is on but no admin_users, admin_groups or "
-                    "admin_token is set",
-                ), _UNKNOWN
+                return _error(403, ADMIN_CLOSED), _UNKNOWN
             return _error(401, f"the admin API needs {ways[0]}", challenge), _UNKNOWN
         headers = {k.lower(): v for k, v in request.headers.items()}
         credentials = Credentials(headers, lambda: _peer(request.remote), dict)
@@ -421,32 +417,17 @@ class AdminListener:
             ), _UNKNOWN
         caller = _Caller(identity.user, identity.groups)
         policy = self._replica.policy
-        if not (
-            is_admin(identity, settings)
-            if policy is None
-            else policy.current.is_admin(identity, settings)
-        ):
+        if not may_administer(identity, settings, None if policy is None else policy.current):
             log.info(
                 "admin API: %s refused to user %s (no admin role)", request.path, identity.user
             )
-            return _error(
-                403,
-                f"user {identity.user!r} has no admin role (admin_users, admin_groups, or a "
-                "policy role with admin: true)",
-            ), caller
+            return _error(403, no_admin_role(identity)), caller
         return None, caller
 
     def _by_role(self) -> bool:
         """Whether users' credentials may open the API: some user or group holds the role."""
-        settings = self._replica.settings
-        if not settings.auth_enabled:
-            return False
         policy = self._replica.policy
-        return bool(
-            settings.admin_users
-            or settings.admin_groups
-            or (policy is not None and any(r.spec.admin for r in policy.current.roles))
-        )
+        return admin_by_role(self._replica.settings, None if policy is None else policy.current)
 
     @staticmethod
     def _authorized(request: web.Request, token: bytes) -> bool:

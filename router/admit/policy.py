@@ -32,7 +32,17 @@ from router.admit.auth import Identity
 from router.config import Settings
 from router.errors import PolicyDenied
 
-__all__ = ["ANY_POOL", "Policy", "PolicyError", "RoleSpec", "is_admin"]
+__all__ = [
+    "ADMIN_CLOSED",
+    "ANY_POOL",
+    "Policy",
+    "PolicyError",
+    "RoleSpec",
+    "admin_by_role",
+    "is_admin",
+    "may_administer",
+    "no_admin_role",
+]
 
 ANY_POOL = "*"  # in a role's pools: every pool
 _MAX_DECIDED = 4096  # callers x pools asked whose decision a snapshot remembers
@@ -45,6 +55,36 @@ def is_admin(identity: Identity, settings: Settings) -> bool:
     if identity.user in settings.admin_users:
         return True
     return not identity.groups.isdisjoint(settings.admin_groups)
+
+
+# What a caller of the admin API is told when auth is on but nobody holds the admin role.
+ADMIN_CLOSED = (
+    "the admin API is closed: auth is on but no admin_users, admin_groups or admin_token is set"
+)
+
+
+def admin_by_role(settings: Settings, policy: Policy | None) -> bool:
+    """Whether users' credentials may open the admin API: some user or group holds the role."""
+    if not settings.auth_enabled:
+        return False
+    return bool(
+        settings.admin_users
+        or settings.admin_groups
+        or (policy is not None and any(r.spec.admin for r in policy.roles))
+    )
+
+
+def may_administer(identity: Identity, settings: Settings, policy: Policy | None) -> bool:
+    """Whether the caller may use the admin API: the policy's answer, else settings' alone."""
+    return is_admin(identity, settings) if policy is None else policy.is_admin(identity, settings)
+
+
+def no_admin_role(identity: Identity) -> str:
+    """The refusal of an authenticated caller without the admin role."""
+    return (
+        f"user {identity.user!r} has no admin role (admin_users, admin_groups, or a "
+        "policy role with admin: true)"
+    )
 
 
 class PolicyError(ValueError):
