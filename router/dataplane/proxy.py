@@ -64,7 +64,7 @@ from router.errors import (
 )
 from router.health import Health
 from router.sessions.migration import Mover, Reason
-from router.sessions.placement import Admit, Placement
+from router.sessions.placement import Admit, Created, Placement
 from router.telemetry import CallObservation, MethodMetrics
 from router.upstreams import Upstreams
 
@@ -434,7 +434,6 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         try:
             return self.budget.open(context.peer(), request_bytes)
         except OverBudget as exc:
-            self._telemetry.over_budget(exc.limit)
             await self._refuse(context, exc, method)
 
     async def _holding(
@@ -444,7 +443,6 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         try:
             held.hold(request_bytes)
         except OverBudget as exc:
-            self._telemetry.over_budget(exc.limit)
             await self._refuse(context, exc, method)
 
     # --- moved sessions: identity, journal, replay ------------------------------------------
@@ -545,9 +543,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         then fails FAILED_PRECONDITION naming the pool, its drivers and their probe errors.
         """
         waited = False
-        created = None
-        if self._audit is not None:
-            created = partial(self._audit.created, groups=caller.groups if caller else frozenset())
+        created = self._creation(caller)
         while True:
             lead = ""
             try:
@@ -579,12 +575,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     waited = True
                     continue
                 await _abort(context, exc.explained(self._health.last_errors, lead))
-            except PolicyDenied as exc:  # refuse_new
-                self._telemetry.denials.labels(exc.reason).inc()
-                await self._refuse(context, exc, method, info, caller)
-            except QuotaExceeded as exc:  # admit
-                await self._over_quota(context, exc, method, info, caller)
-            except Exception as exc:  # a foreign session's id (ownership) among others
+            except Exception as exc:  # refuse_new, admit, a foreign session's id, ...
                 await self._refuse(context, exc, method, info, caller)
 
     async def _connected(self, pin: Pin, waited: bool) -> Pin:
@@ -666,7 +657,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         """Forget a released session: its pin and journal, and journal entries still waiting;
         it counts against its user's sessions no more."""
         if self._audit is not None:
-            pin = pin or self._placement.known(key)
+            pin = pin or self._placement.cache.peek(key)
             if pin is not None:
                 self._audit.released(pin)
         self.recorder.forget(key)
@@ -693,16 +684,12 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         if clone_id is None:
             return
         try:
-            created = None
-            if self._audit is not None:
-                groups = caller.groups if caller is not None else frozenset()
-                created = partial(self._audit.created, groups=groups)
             clone = await self._placement.pin_clone(
                 pin,
                 clone_id,
                 claim=self._auth is not None,
                 admit=self._admission(caller),
-                created=created,
+                created=self._creation(caller),
             )
         except PermissionDenied:
             log.warning("clone %s of session %s: its id belongs to another user", clone_id, pin)
@@ -710,7 +697,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         except QuotaExceeded as exc:
             made = Pin(clone_id, pin.driver, pin.pool, owner=pin.owner)
             await self._mover.release_on(made, md)  # the client never hears of it
-            await self._over_quota(context, exc, protocol.METHODS["CloneSession"], None, caller)
+            await self._refuse(context, exc, protocol.METHODS["CloneSession"], None, caller)
         await self.recorder.copy(pin.key, clone.key, clone_id)
 
     async def move_session(self, key: str, target: str | None = None) -> Pin:
@@ -768,9 +755,6 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     else:
                         if pool != info.pool:
                             info = replace(info, pool=pool)
-        except PolicyDenied as exc:
-            self._telemetry.denials.labels(exc.reason).inc()
-            await self._refuse(context, exc, method, asked, identity)
         except RouterError as exc:
             await self._refuse(context, exc, method, asked, identity)
         if self._telemetry.tracer is not None:
@@ -792,7 +776,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
                     identity.user, identity.groups, info.pool if pin is None else pin.pool
                 )
             except QuotaExceeded as exc:
-                await self._over_quota(context, exc, method, info, identity)
+                await self._refuse(context, exc, method, info, identity)
         if pin is None or pin.driver in placement.move_idle or not placement.is_live(pin.driver):
             admit = self._admission(identity)
             pin = await self._placed(
@@ -804,9 +788,14 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
             try:
                 self._policy.current.check_pool(identity, pin.pool)
             except PolicyDenied as exc:
-                self._telemetry.denials.labels(exc.reason).inc()
                 await self._refuse(context, exc, method, info, identity)
         return info, md, pin, identity
+
+    def _creation(self, caller: Identity | None) -> Created | None:
+        """The audit's hook for a new pin of `caller` (None: the audit is off)."""
+        if self._audit is None:
+            return None
+        return partial(self._audit.created, groups=caller.groups if caller else frozenset())
 
     def _admission(self, caller: Identity | None) -> Admit | None:
         """The session quota's hook for a new pin of `caller` (None: nothing to count)."""
@@ -834,19 +823,7 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         try:
             return await gate.start_operation(caller.user, caller.groups)
         except QuotaExceeded as exc:
-            await self._over_quota(context, exc, method, info, caller)
-
-    async def _over_quota(
-        self,
-        context: grpc.aio.ServicerContext,
-        exc: QuotaExceeded,
-        method: Method,
-        info: RequestInfo | None,
-        caller: Identity | None,
-    ) -> NoReturn:
-        """Refuse a call over a quota: counted by its limit, RESOURCE_EXHAUSTED (retry-after)."""
-        self._telemetry.quota_refusals.labels(exc.limit).inc()
-        await self._refuse(context, exc, method, info, caller)
+            await self._refuse(context, exc, method, info, caller)
 
     async def _refuse(
         self,
@@ -856,8 +833,16 @@ class Proxy(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is untyped
         info: RequestInfo | None = None,
         caller: Identity | None = None,
     ) -> NoReturn:
-        """End a call the router refuses, on the record when the audit is on and it is a
-        denial (authentication, policy, ownership, quota, budget)."""
+        """End a call the router refuses: counted by what refused it (policy, quota, budget),
+        on the record when the audit is on and it is a denial (authentication, policy,
+        ownership, quota, budget); a quota's RESOURCE_EXHAUSTED carries retry-after."""
+        t = self._telemetry
+        if isinstance(exc, PolicyDenied):
+            t.denials.labels(exc.reason).inc()
+        elif isinstance(exc, QuotaExceeded):
+            t.quota_refusals.labels(exc.limit).inc()
+        elif isinstance(exc, OverBudget):
+            t.over_budget(exc.limit)
         if self._audit is not None:
             self._audit.denied(exc, method.name, context.peer(), info, caller)
         await _abort(context, exc)
